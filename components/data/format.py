@@ -61,6 +61,7 @@ class Manifest(BaseModel):
     split: Split
     counts: Counts
     augmentations: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict, description="intake parameters (the recipe)")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,120 @@
+"""Turn a model URI into a local directory holding ``config.json`` + ``model.safetensors``.
+
+Accepted URIs: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``,
+``s3://BUCKET/PREFIX`` (through the minio SDK) and a local directory (or ``file://`` URI).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.models.weights import CONFIG_FILE, WEIGHTS_FILE
+from components.settings import Settings, get_settings
+
+_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ModelNotFoundError(LookupError):
+    """The URI names no model (unknown registered name, alias, version, run or path)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    uri: str
+    local_dir: Path
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+    precision: str = "float"
+
+
+def find_model_dir(root: Path) -> Path:
+    """The directory under ``root`` holding ``config.json`` and ``model.safetensors``."""
+    root = Path(root)
+    if (root / CONFIG_FILE).is_file() and (root / WEIGHTS_FILE).is_file():
+        return root
+    for cfg in sorted(root.rglob(CONFIG_FILE)):
+        if (cfg.parent / WEIGHTS_FILE).is_file():
+            return cfg.parent
+    raise ModelNotFoundError(f"{root}: no {CONFIG_FILE} with {WEIGHTS_FILE} beside it")
+
+
+def _download(artifact_uri: str, cache: Path) -> Path:
+    import mlflow
+
+    if cache.is_dir():
+        try:
+            return find_model_dir(cache)
+        except ModelNotFoundError:
+            shutil.rmtree(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".dl-"))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp))
+        find_model_dir(tmp)
+        tmp.replace(cache)  # atomic: concurrent replicas never see half a download
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        if not cache.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return find_model_dir(cache)
+
+
+def resolve_model(uri: str, *, settings: Settings | None = None) -> ResolvedModel:
+    """Download (with a cache under ``MODELCOMMONS_HOME/model_cache``) and locate a model."""
+    settings = settings or get_settings()
+    cache_root = settings.home / "model_cache"
+    match = _MODELS_RE.match(uri)
+    if match:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from components.tracking.setup import configure_mlflow
+
+        configure_mlflow(settings)
+        client = MlflowClient()
+        name, alias = match["name"], match["alias"]
+        try:
+            mv = (client.get_model_version_by_alias(name, alias) if alias
+                  else client.get_model_version(name, match["version"]))
+        except MlflowException as exc:
+            raise ModelNotFoundError(f"model {uri!r} not found in the registry: {exc.message}") from exc
+        local = _download(f"models:/{name}/{mv.version}", cache_root / name / str(mv.version))
+        return ResolvedModel(uri=uri, local_dir=local, name=name, version=str(mv.version), alias=alias,
+                             run_id=mv.run_id, precision=mv.tags.get("precision", "float"))
+    if uri.startswith("runs:/"):
+        from mlflow.exceptions import MlflowException
+
+        from components.tracking.setup import configure_mlflow
+
+        configure_mlflow(settings)
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("runs:/"):])
+        try:
+            local = _download(uri, cache_root / "runs" / safe)
+        except MlflowException as exc:
+            raise ModelNotFoundError(f"model {uri!r} not found: {exc.message}") from exc
+        return ResolvedModel(uri=uri, local_dir=local, run_id=run_id)
+    if uri.startswith("s3://"):
+        from components.storage.s3 import download_prefix, minio_client
+
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("s3://"):])
+        dest = cache_root / "s3" / safe
+        if not dest.is_dir():
+            download_prefix(minio_client(settings), uri, dest)
+        return ResolvedModel(uri=uri, local_dir=find_model_dir(dest))
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"model {uri!r}: not a directory, and not a models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "runs:/ or s3:// URI"
+        )
+    return ResolvedModel(uri=uri, local_dir=find_model_dir(path))

@@ -1,0 +1,50 @@
+"""Pipeline ``detector-train``: intake -> train -> evaluate -> register, with typed artifacts."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.data.component import intake_component
+from components.evaluate.component import evaluate_component
+from components.tracking.component import register_component
+from components.train.component import train_component
+
+
+@dsl.pipeline(name="detector-train",
+              description="Import a COCO/YOLO dataset, train the YOLO-style detector, evaluate with COCO "
+                          "mAP, register it in MLflow (champion/challenger).")
+def detector_train(
+    source: str,
+    fmt: str = "auto",
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    max_error_fraction: float = 0.05,
+    augment: bool = False,
+    preset: str = "nano",
+    epochs: int = 40,
+    batch_size: int = 32,
+    lr: float = 0.003,
+    seed: int = 0,
+    img_size: int = 160,
+    bf16: bool = False,
+    model_name: str = "detector",
+) -> NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # type: ignore[valid-type]  # noqa: UP014
+                            ("map50", float)]):
+    intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
+                              max_error_fraction=max_error_fraction, augment=augment)
+    intake.set_display_name("intake")
+    train = train_component(dataset=intake.outputs["dataset"], preset=preset, epochs=epochs,
+                            batch_size=batch_size, lr=lr, seed=seed, img_size=img_size, bf16=bf16)
+    train.set_display_name("train")
+    evaluate = evaluate_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
+                                  run_id=train.outputs["run_id"])
+    evaluate.set_display_name("evaluate")
+    register = register_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
+                                  run_id=train.outputs["run_id"], model_uri=train.outputs["model_uri"],
+                                  map=evaluate.outputs["map"], map50=evaluate.outputs["map50"],
+                                  model_name=model_name)
+    register.set_display_name("register")
+    outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # noqa: UP014
+                                     ("map50", float)])
+    return outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],  # type: ignore[call-arg]
+                   evaluate.outputs["map"], evaluate.outputs["map50"])
