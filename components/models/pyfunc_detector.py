@@ -23,7 +23,9 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
         self.model = load_detector(find_model_dir(Path(context.artifacts["detector"])))
 
-    def predict(self, context: Any, model_input: np.ndarray | dict[str, np.ndarray], params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:  # noqa: ANN401
+        # Untyped on purpose: MLflow would otherwise derive a second signature from the hints.
+        del params
         if isinstance(model_input, dict):  # a named tensor signature delivers {"images": array}
             model_input = model_input["images"]
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

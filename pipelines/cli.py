@@ -1,0 +1,251 @@
+"""``modelcommons`` command line: the composition root that wires components, pipelines and serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelcommons",
+        description="Train, evaluate, register and serve computer-vision models (see README.md).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # pipeline
+    pipe = sub.add_parser("pipeline", help="compile, run locally, or submit a KFP pipeline")
+    psub = pipe.add_subparsers(dest="action", required=True, metavar="ACTION")
+    psub.add_parser("list", help="list pipelines and their parameters")
+    comp = psub.add_parser("compile", help="write a pipeline's IR YAML")
+    comp.add_argument("name")
+    comp.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+    run = psub.add_parser("run", help="run locally (kfp.local), or on a KFP server with --host")
+    run.add_argument("name")
+    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="pipeline parameter (repeatable)")
+    run.add_argument("--host", help="Kubeflow Pipelines API URL: submit there instead of running locally")
+    run.add_argument("--experiment", default="modelcommons", help="KFP experiment (with --host)")
+
+    # data
+    data = sub.add_parser("data", help="generate synthetic data, import a dataset")
+    dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    shapes = dsub.add_parser("shapes", help="generate the synthetic shapes dataset (COCO folder)")
+    shapes.add_argument("output", type=Path)
+    shapes.add_argument("--count", type=_positive_int, default=600)
+    shapes.add_argument("--image-size", type=_positive_int, default=160)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--classes", default="circle,rectangle,triangle",
+                        help="comma-separated subset of circle,rectangle,triangle")
+    intake = dsub.add_parser("intake", help="validate and import a COCO/YOLO dataset (folder or s3://)")
+    intake.add_argument("source")
+    intake.add_argument("output", type=Path)
+    intake.add_argument("--format", dest="fmt", choices=["auto", "coco", "yolo"], default="auto")
+    intake.add_argument("--val-fraction", type=_fraction, default=0.2)
+    intake.add_argument("--seed", type=int, default=0)
+    intake.add_argument("--max-error-fraction", type=_fraction, default=0.05)
+    intake.add_argument("--augment", action="store_true", help="rotate, blur, flip, flop: 1 image -> 5")
+
+    # serve
+    serve = sub.add_parser("serve", help="start the Ray Serve application (detector endpoint)")
+    serve.add_argument("--model-uri", help="default: MODELCOMMONS_DETECTOR_MODEL_URI (models:/detector@champion)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=_port)
+    serve.add_argument("--num-cpus", type=float)
+    serve.add_argument("--num-gpus", type=float)
+    serve.add_argument("--replicas", type=_positive_int)
+    serve.add_argument("--max-batch-size", type=_positive_int)
+    serve.add_argument("--print-config", action="store_true",
+                       help="print the Ray Serve config (serveConfigV2) as JSON and exit")
+
+    # demo
+    demo = sub.add_parser("demo", help="the main job: data -> pipeline -> endpoint -> sample outputs")
+    demo.add_argument("--summary", type=Path, help="summary JSON path (default under MODELCOMMONS_HOME)")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
+    demo.add_argument("--images", type=_positive_int, default=600)
+    demo.add_argument("--epochs", type=_positive_int, default=40)
+    demo.add_argument("--preset", default="nano")
+    demo.add_argument("--port", type=_port, default=8000)
+
+    # ui
+    ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
+    ui.add_argument("--port", type=_port, default=5000)
+    ui.add_argument("--host", default="127.0.0.1")
+
+    # bench
+    bench = sub.add_parser("bench", help="benchmarks; each writes JSON to --out")
+    bsub = bench.add_subparsers(dest="action", required=True, metavar="NAME")
+    bserve = bsub.add_parser("serve", help="HTTP latency/throughput vs raw forward; batching on vs off")
+    bserve.add_argument("--out", type=Path, required=True)
+    bserve.add_argument("--model-uri", help="default: a fresh untrained nano detector")
+    bserve.add_argument("--requests", type=_positive_int, default=200, help="requests per level")
+    bserve.add_argument("--port", type=_port, default=8011)
+    return parser
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipelines import runner
+
+    if args.action == "list":
+        for name in sorted(runner.pipelines()):
+            params = runner.pipeline_parameters(name)
+            shown = ", ".join(f"{k}:{t.__name__}" + ("" if d is runner.inspect.Parameter.empty else f"={d!r}")
+                              for k, (t, d) in params.items())
+            print(f"{name}({shown})")
+        return 0
+    if args.action == "compile":
+        path = runner.compile_pipeline(args.name, args.output)
+        print(f"wrote {path}")
+        return 0
+    params = runner.parse_params(args.name, args.param)
+    if args.host:
+        run_id = runner.submit(args.name, params, host=args.host, experiment=args.experiment)
+        print(f"submitted {args.name} to {args.host}: run {run_id}")
+        return 0
+    outputs = runner.run_local(args.name, params)
+    print(json.dumps(outputs, indent=2, default=str))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "shapes":
+        from components.data.shapes import generate_shapes
+
+        classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+        out = generate_shapes(args.output, count=args.count, image_size=args.image_size, seed=args.seed,
+                              classes=classes)
+        print(f"wrote {args.count} images to {out}")
+        return 0
+    from components.data.intake import intake
+
+    result = intake(args.source, args.output, fmt=args.fmt, val_fraction=args.val_fraction, seed=args.seed,
+                    max_error_fraction=args.max_error_fraction, augment=args.augment)
+    m = result.manifest
+    print(f"dataset {m.sha256[:12]}: {m.counts.images} images ({m.counts.train_images} train, "
+          f"{m.counts.val_images} val), {m.counts.annotations} boxes, {m.counts.rejected} rejected "
+          f"(see {args.output / 'rejections.json'})")
+    return 0
+
+
+def _serve_args(args: argparse.Namespace) -> object:
+    from serving.app import ServeArgs
+
+    overrides = {k: v for k, v in {
+        "model_uri": args.model_uri, "host": args.host, "port": args.port, "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus, "replicas": args.replicas, "max_batch_size": args.max_batch_size,
+    }.items() if v is not None}
+    return ServeArgs.from_settings(**overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.app import serve_config
+    from serving.server import run_server
+
+    serve_args = _serve_args(args)
+    if args.print_config:
+        print(json.dumps(serve_config(serve_args), indent=2))  # type: ignore[arg-type]
+        return 0
+    run_server(serve_args, blocking=True)  # type: ignore[arg-type]
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(images=args.images, epochs=args.epochs, preset=args.preset, port=args.port,
+                         keep_serving=args.keep_serving, summary=args.summary))
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from components.settings import get_settings
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.effective_tracking_uri,
+           "--host", args.host, "--port", str(args.port)]
+    if not settings.use_s3:
+        cmd += ["--default-artifact-root", settings.artifact_location]
+    env = {**os.environ, **settings.s3_environment()}
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {settings.effective_tracking_uri})", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from serving.app import ServeArgs
+    from serving.bench import bench_serve
+
+    model_uri = args.model_uri
+    if model_uri is None:
+        from components.models.detector import build_detector, detector_config
+        from components.models.weights import save_detector
+
+        tmp = Path(tempfile.mkdtemp(prefix="mc-bench-"))
+        model_uri = str(save_detector(build_detector(detector_config(
+            "nano", num_classes=3, class_names=("circle", "rectangle", "triangle"))), tmp))
+    result = bench_serve(ServeArgs.from_settings(model_uri=model_uri, port=args.port),
+                         requests_per_level=args.requests, out=args.out)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list | dict)}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``modelcommons`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"pipeline": _cmd_pipeline, "data": _cmd_data, "serve": _cmd_serve, "demo": _cmd_demo,
+                "ui": _cmd_ui, "bench": _cmd_bench}
+    from components.data.format import DatasetError
+    from components.models.weights import ModelFileError
+    from components.settings import ConfigError
+    from components.tracking.resolve import ModelNotFoundError
+    from components.train.trainer import TrainConfigError
+    from pipelines.runner import PipelineParamError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DatasetError, ModelFileError, ModelNotFoundError, TrainConfigError,
+            PipelineParamError, FileNotFoundError) as exc:
+        print(f"modelcommons {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""``modelcommons demo``: synthetic data -> detector-train pipeline -> served endpoint -> sample outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    images: int = 600  # synthetic images (80% train, 20% val)
+    image_size: int = 160
+    data_seed: int = 0
+    epochs: int = 40
+    preset: str = "nano"
+    port: int = 8000
+    samples: int = 4  # sample requests whose annotated outputs are written
+    keep_serving: bool = False
+    summary: Path | None = None
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - start, 2)
+
+
+def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[str, Any]:
+    """Run the main job and return (and write) the summary JSON."""
+    import httpx
+
+    from components.data.format import IMAGES_DIR, read_coco
+    from components.data.shapes import generate_shapes
+    from pipelines.runner import run_local
+    from serving.app import ServeArgs
+    from serving.server import run_server, shutdown_server
+
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = settings.outputs_dir / f"demo-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    source = settings.data_dir / f"shapes-n{options.images}-s{options.image_size}-seed{options.data_seed}"
+    with _timed(timings, "generate_data"):
+        if not (source / "annotations.json").is_file():
+            generate_shapes(source, count=options.images, image_size=options.image_size, seed=options.data_seed)
+    with _timed(timings, "pipeline_detector_train"):
+        outputs = run_local("detector-train", {
+            "source": str(source), "epochs": options.epochs, "preset": options.preset,
+            "img_size": options.image_size, "model_name": "detector",
+        }, settings=settings)
+    run_id = str(outputs["run_id"])
+    version, alias = str(outputs["version"]), str(outputs["alias"])
+    dataset_sha = _dataset_sha(run_id, settings)
+
+    summary: dict[str, Any] = {
+        "dataset": {"sha256": dataset_sha, "images": options.images, "source": str(source)},
+        "detector": {"run_id": run_id, "model": "detector", "version": version, "alias": alias,
+                     "metrics": {"map": float(outputs["map"]), "map50": float(outputs["map50"])}},
+        "endpoint": "",
+        "timings_s": timings,
+        "outputs": [],
+    }
+    # Serve exactly the version this run registered (it may have become challenger, not champion).
+    args = ServeArgs.from_settings(settings, model_uri=f"models:/detector/{version}", port=options.port)
+    with _timed(timings, "serve_start"):
+        url = run_server(args, blocking=False)
+    summary["endpoint"] = url
+    try:
+        coco = read_coco(source)
+        with _timed(timings, "sample_requests"), httpx.Client(base_url=url, timeout=60) as client:
+            for info in coco["images"][-options.samples:]:
+                image_path = source / IMAGES_DIR / info["file_name"]
+                data = image_path.read_bytes()
+                resp = client.post("/v1/detect", files={"image": (info["file_name"], data, "image/png")})
+                resp.raise_for_status()
+                json_path = out_dir / f"{Path(info['file_name']).stem}.detections.json"
+                json_path.write_text(json.dumps(resp.json(), indent=2))
+                resp = client.post("/v1/detect", params={"format": "image"},
+                                   files={"image": (info["file_name"], data, "image/png")})
+                resp.raise_for_status()
+                png_path = out_dir / f"{Path(info['file_name']).stem}.detections.png"
+                png_path.write_bytes(resp.content)
+                summary["outputs"] += [str(json_path), str(png_path)]
+        timings["total"] = round(time.perf_counter() - started, 2)
+        summary_path = options.summary or (out_dir / "summary.json")
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2))
+        summary["summary_path"] = str(summary_path)
+        _print_report(summary, settings)
+        if options.keep_serving:
+            print(f"serving at {url} - press Ctrl-C to stop", flush=True)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        shutdown_server()
+    return summary
+
+
+def _dataset_sha(run_id: str, settings: Settings) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking.setup import configure_mlflow
+
+    configure_mlflow(settings)
+    return str(MlflowClient().get_run(run_id).data.tags.get("dataset_sha256", ""))
+
+
+def _print_report(summary: dict[str, Any], settings: Settings) -> None:
+    det = summary["detector"]
+    print("\n== ModelCommons demo ==")
+    print(f"dataset   sha256={summary['dataset']['sha256'][:12]}  images={summary['dataset']['images']}")
+    print(f"detector  {det['model']} v{det['version']} ({det['alias']})  mAP={det['metrics']['map']:.3f}  "
+          f"mAP@.5={det['metrics']['map50']:.3f}  run={det['run_id']}")
+    print(f"endpoint  {summary['endpoint']}/v1/detect")
+    print("timings   " + ", ".join(f"{k}={v}s" for k, v in summary["timings_s"].items()))
+    print(f"outputs   {len(summary['outputs'])} files in {Path(summary['outputs'][0]).parent}"
+          if summary["outputs"] else "outputs   none")
+    print(f"summary   {summary.get('summary_path')}")
+    print(f"MLflow UI: run `modelcommons ui` and open http://127.0.0.1:5000 (store: {settings.effective_tracking_uri})")
