@@ -28,7 +28,7 @@ def detector_train(
     img_size: int = 160,
     bf16: bool = False,
     model_name: str = "detector",
-) -> NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # type: ignore[valid-type]  # noqa: UP014
+) -> NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # type: ignore[valid-type]
                             ("map50", float)]):
     intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
                               max_error_fraction=max_error_fraction, augment=augment)
@@ -44,7 +44,7 @@ def detector_train(
                                   map=evaluate.outputs["map"], map50=evaluate.outputs["map50"],
                                   model_name=model_name)
     register.set_display_name("register")
-    outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # noqa: UP014
+    Outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # noqa: UP014
                                      ("map50", float)])
-    return outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],  # type: ignore[call-arg]
+    return Outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],
                    evaluate.outputs["map"], evaluate.outputs["map50"])

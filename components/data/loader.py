@@ -52,7 +52,8 @@ def load_samples(root: Path, split: Literal["train", "val", "all"], img_size: in
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([int(a["category_id"]) - 1 for a in anns[image_id]], dtype=torch.int64)
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DatasetError(f"{root / 'annotations.json'}: image {image_id} has a category_id outside 1..{num_classes}")
+            raise DatasetError(
+                f"{root / 'annotations.json'}: image {image_id} has a category_id outside 1..{num_classes}")
         samples.append(Sample(image_id=image_id, file_name=str(info["file_name"]), image=image,
                               boxes=lb.boxes_to_model(boxes), labels=labels, letterbox=lb))
     if not samples:

@@ -14,7 +14,7 @@ def evaluate_component(
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.Artifact],
     run_id: str = "",
-) -> NamedTuple("EvalOutputs", [("map", float), ("map50", float)]):  # type: ignore[valid-type]  # noqa: UP014
+) -> NamedTuple("EvalOutputs", [("map", float), ("map50", float)]):  # type: ignore[valid-type]
     """Evaluate on the validation split; ``report`` gets metrics.json and eval_predictions.png."""
     from collections import namedtuple
     from pathlib import Path
@@ -24,5 +24,5 @@ def evaluate_component(
     values = run_evaluation(Path(model.path), Path(dataset.path), Path(report.path), run_id=run_id or None)
     for key, value in values.items():
         metrics.log_metric(key, value)
-    outputs = namedtuple("EvalOutputs", ["map", "map50"])
-    return outputs(values["map"], values["map50"])
+    EvalOutputs = namedtuple("EvalOutputs", ["map", "map50"])
+    return EvalOutputs(values["map"], values["map50"])

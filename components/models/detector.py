@@ -63,7 +63,7 @@ class DetectorConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"detector config has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
 
 
@@ -143,6 +143,7 @@ class Head(nn.Module):
         self.reg_conv = ConvBNAct(width, width, activation=activation)
         self.cls_pred = nn.Conv2d(width, num_classes, 1)
         self.reg_pred = nn.Conv2d(width, 5, 1)  # l, t, r, b, centerness
+        assert self.cls_pred.bias is not None and self.reg_pred.bias is not None
         nn.init.constant_(self.cls_pred.bias, -4.6)  # prior p=0.01 keeps early focal loss stable
         nn.init.zeros_(self.reg_pred.bias)
 
@@ -197,7 +198,8 @@ class Detector(nn.Module):
         """Cell centers (Nx2, pixels) and strides (N,) for an input of ``height`` x ``width``."""
         key = (height, width)
         if key not in self._grid_cache:
-            centers, strides = [], []
+            centers: list[torch.Tensor] = []
+            strides: list[torch.Tensor] = []
             for s in self.config.strides:
                 h, w = height // s, width // s
                 ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -205,8 +207,8 @@ class Detector(nn.Module):
                 centers.append((c + 0.5) * s)
                 strides.append(torch.full((h * w,), float(s)))
             self._grid_cache[key] = (torch.cat(centers), torch.cat(strides))
-        centers, strides = self._grid_cache[key]
-        return centers.to(device), strides.to(device)
+        cached_centers, cached_strides = self._grid_cache[key]
+        return cached_centers.to(device), cached_strides.to(device)
 
     def decode_boxes(self, raw: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """raw BxNx(5+K) -> BxNx4 XYXY pixel boxes."""

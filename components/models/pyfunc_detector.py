@@ -14,16 +14,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc import PythonModel
 
 
-class DetectorPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class DetectorPyfunc(PythonModel):
     def load_context(self, context: Any) -> None:
         from components.models.weights import load_detector
         from components.tracking.resolve import find_model_dir
 
         self.model = load_detector(find_model_dir(Path(context.artifacts["detector"])))
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:  # noqa: ANN401
+    def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
         # Untyped on purpose: MLflow would otherwise derive a second signature from the hints.
         del params
         if isinstance(model_input, dict):  # a named tensor signature delivers {"images": array}

@@ -45,9 +45,11 @@ def read_detector_config(directory: Path) -> DetectorConfig:
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("kind") != "detector":
-        raise ModelFileError(f"{path}: field 'kind' must be 'detector', got {doc.get('kind') if isinstance(doc, dict) else doc!r}")
+        kind = doc.get("kind") if isinstance(doc, dict) else doc
+        raise ModelFileError(f"{path}: field 'kind' must be 'detector', got {kind!r}")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format_version {doc.get('format_version')!r} unsupported; expected {FORMAT_VERSION}")
+        raise ModelFileError(
+            f"{path}: format_version {doc.get('format_version')!r} unsupported; expected {FORMAT_VERSION}")
     try:
         return DetectorConfig.from_dict(doc["config"])
     except (KeyError, TypeError, ValueError) as exc:

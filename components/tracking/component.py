@@ -13,10 +13,10 @@ def register_component(
     model: dsl.Input[dsl.Model],
     run_id: str,
     model_uri: str,
-    map: float,  # noqa: A002 - COCO's name for the metric
+    map: float,
     map50: float,
     model_name: str = "detector",
-) -> NamedTuple("RegisterOutputs", [("name", str), ("version", str), ("alias", str)]):  # type: ignore[valid-type]  # noqa: UP014
+) -> NamedTuple("RegisterOutputs", [("name", str), ("version", str), ("alias", str)]):  # type: ignore[valid-type]
     """Register the trained model; ``champion`` moves only when mAP beats the current champion."""
     from collections import namedtuple
     from pathlib import Path
@@ -25,5 +25,5 @@ def register_component(
 
     reg = run_registration(model_uri=model_uri, run_id=run_id, dataset_dir=Path(dataset.path),
                            metrics={"map": map, "map50": map50}, name=model_name)
-    outputs = namedtuple("RegisterOutputs", ["name", "version", "alias"])
-    return outputs(reg.name, reg.version, reg.alias)
+    RegisterOutputs = namedtuple("RegisterOutputs", ["name", "version", "alias"])
+    return RegisterOutputs(reg.name, reg.version, reg.alias)

@@ -44,6 +44,14 @@ def find_model_dir(root: Path) -> Path:
     raise ModelNotFoundError(f"{root}: no {CONFIG_FILE} with {WEIGHTS_FILE} beside it")
 
 
+def _has_model(root: Path) -> bool:
+    try:
+        find_model_dir(root)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
 def _download(artifact_uri: str, cache: Path) -> Path:
     import mlflow
 
@@ -108,8 +116,22 @@ def resolve_model(uri: str, *, settings: Settings | None = None) -> ResolvedMode
 
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", uri[len("s3://"):])
         dest = cache_root / "s3" / safe
-        if not dest.is_dir():
-            download_prefix(minio_client(settings), uri, dest)
+        try:
+            return ResolvedModel(uri=uri, local_dir=find_model_dir(dest))
+        except ModelNotFoundError:
+            shutil.rmtree(dest, ignore_errors=True)  # absent, or a stale/partial download
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl-"))
+        try:
+            download_prefix(minio_client(settings), uri, tmp)
+            find_model_dir(tmp)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(
+                f"model {uri!r}: no {CONFIG_FILE} with {WEIGHTS_FILE} under this prefix") from None
+        finally:
+            if not any(tmp.iterdir()) or not _has_model(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        tmp.replace(dest)
         return ResolvedModel(uri=uri, local_dir=find_model_dir(dest))
     path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
     if not path.is_dir():

@@ -20,7 +20,7 @@ def train_component(
     img_size: int = 160,
     bf16: bool = False,
     run_name: str = "detector-train",
-) -> NamedTuple("TrainOutputs", [("run_id", str), ("model_uri", str)]):  # type: ignore[valid-type]  # noqa: UP014
+) -> NamedTuple("TrainOutputs", [("run_id", str), ("model_uri", str)]):  # type: ignore[valid-type]
     """Train the detector on ``dataset``; write config.json + model.safetensors under ``model.path``."""
     from collections import namedtuple
     from pathlib import Path
@@ -32,5 +32,5 @@ def train_component(
     result = train_detector(Path(dataset.path), Path(model.path), config, run_name=run_name)
     model.metadata.update({"run_id": result.run_id or "", "model_uri": result.model_uri or "",
                            "preset": preset, **{f"val_{k}": v for k, v in result.metrics.items()}})
-    outputs = namedtuple("TrainOutputs", ["run_id", "model_uri"])
-    return outputs(result.run_id or "", result.model_uri or "")
+    TrainOutputs = namedtuple("TrainOutputs", ["run_id", "model_uri"])
+    return TrainOutputs(result.run_id or "", result.model_uri or "")

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny saved detector, and ONE real local Ray Serve for every HTTP test."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CLASS_NAMES = ("circle", "rectangle", "triangle")
+# Small limits so the over-limit cases stay small and fast.
+MAX_IMAGE_BYTES = 300_000
+MAX_IMAGE_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from components.models.detector import build_detector, detector_config
+    from components.models.weights import save_detector
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("models") / "shapes-nano"
+    config = detector_config("nano", num_classes=3, class_names=CLASS_NAMES)
+    return save_detector(build_detector(config), directory)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve_url(model_dir: Path) -> Iterator[str]:
+    """Base URL of the application on a real local Ray Serve (127.0.0.1, a free port)."""
+    from serving.app import ServeArgs
+    from serving.server import run_server, shutdown_server
+
+    args = ServeArgs(model_uri=str(model_dir), port=_free_port(), max_image_bytes=MAX_IMAGE_BYTES,
+                     max_image_pixels=MAX_IMAGE_PIXELS, num_cpus=0.5, max_batch_size=16,
+                     batch_wait_timeout_s=0.005)
+    url = run_server(args, blocking=False, num_cpus=2)
+    try:
+        yield url
+    finally:
+        shutdown_server()

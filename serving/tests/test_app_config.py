@@ -1,0 +1,50 @@
+"""ServeArgs from settings, and the Ray Serve config the Helm chart reuses (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from components.settings import Settings
+from serving.app import IMPORT_PATH, ServeArgs, app_builder, serve_config
+
+
+def test_args_come_from_settings_with_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELCOMMONS_SERVE_NUM_GPUS", "0.25")
+    monkeypatch.setenv("MODELCOMMONS_SERVE_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("MODELCOMMONS_MAX_IMAGE_PIXELS", "123456")
+    args = ServeArgs.from_settings(Settings(), port=9123)
+    assert args.model_uri == "models:/detector@champion"
+    assert (args.num_gpus, args.max_batch_size, args.max_image_pixels, args.port) == (0.25, 8, 123456, 9123)
+    assert args.limits.max_pixels == 123456
+
+
+def test_args_are_validated() -> None:
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServeArgs(model_uri="x", max_batch_size=0)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        ServeArgs(model_uri="x", typo=1)
+
+
+def test_serve_config_is_a_valid_ray_serve_config() -> None:
+    args = ServeArgs(model_uri="models:/detector@champion", host="0.0.0.0", port=8000, num_gpus=1.0,
+                     replicas=2)
+    config = serve_config(args)
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay accept
+    (app,) = config["applications"]
+    assert app["import_path"] == IMPORT_PATH == "serving.app:app_builder"
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert ServeArgs.model_validate({**app["args"], "host": "0.0.0.0", "port": 8000}) == args
+
+
+def test_app_builder_builds_the_graph_with_resources_from_args() -> None:
+    application = app_builder({"model_uri": "/models/x", "num_cpus": 0.25, "num_gpus": 0.5, "replicas": 3,
+                               "max_batch_size": 4})
+    ingress = application._bound_deployment
+    (detector_app,) = ingress.init_args
+    detector = detector_app._bound_deployment
+    assert detector.name == "detector" and detector.num_replicas == 3
+    assert detector.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5}
+    assert detector.user_config["max_batch_size"] == 4 and detector.user_config["model_uri"] == "/models/x"
+    assert detector.init_kwargs == {"model_uri": "/models/x"}
