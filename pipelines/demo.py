@@ -39,7 +39,7 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
     """Run the main job and return (and write) the summary JSON."""
     import httpx
 
-    from components.data.format import IMAGES_DIR, read_coco
+    from components.data.format import IMAGES_DIR
     from components.data.shapes import generate_shapes
     from pipelines.runner import run_local
     from serving.app import ServeArgs
@@ -80,10 +80,10 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
         url = run_server(args, blocking=False)
     summary["endpoint"] = url
     try:
-        coco = read_coco(source)
+        dataset_dir = _dataset_artifact(settings, dataset_sha)
         with _timed(timings, "sample_requests"), httpx.Client(base_url=url, timeout=60) as client:
-            for info in coco["images"][-options.samples:]:
-                image_path = source / IMAGES_DIR / info["file_name"]
+            for info in _validation_images(dataset_dir, options.samples):
+                image_path = dataset_dir / IMAGES_DIR / info["file_name"]
                 data = image_path.read_bytes()
                 resp = client.post("/v1/detect", files={"image": (info["file_name"], data, "image/png")})
                 resp.raise_for_status()
@@ -111,6 +111,26 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
     finally:
         shutdown_server()
     return summary
+
+
+def _dataset_artifact(settings: Settings, sha256: str) -> Path:
+    """The canonical dataset the pipeline's intake step wrote (newest with this sha256)."""
+    from components.data.format import read_manifest
+
+    manifests = sorted(settings.pipeline_root.glob("*/intake-component/dataset/manifest.json"),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in manifests:
+        if read_manifest(path.parent).sha256 == sha256:
+            return path.parent
+    raise FileNotFoundError(f"no dataset artifact with sha256 {sha256} under {settings.pipeline_root}")
+
+
+def _validation_images(dataset_dir: Path, count: int) -> list[dict[str, Any]]:
+    """COCO image records of the first ``count`` validation images (never seen in training)."""
+    from components.data.format import read_coco, read_manifest
+
+    val = set(read_manifest(dataset_dir).split.val)
+    return [info for info in read_coco(dataset_dir)["images"] if int(info["id"]) in val][:count]
 
 
 def _dataset_sha(run_id: str, settings: Settings) -> str:

@@ -96,7 +96,9 @@ def resolve_model(uri: str, *, settings: Settings | None = None) -> ResolvedMode
         except MlflowException as exc:
             raise ModelNotFoundError(f"model {uri!r} not found in the registry: {exc.message}") from exc
         local = _download(f"models:/{name}/{mv.version}", cache_root / name / str(mv.version))
-        return ResolvedModel(uri=uri, local_dir=local, name=name, version=str(mv.version), alias=alias,
+        aliases = list(getattr(mv, "aliases", None) or [])
+        return ResolvedModel(uri=uri, local_dir=local, name=name, version=str(mv.version),
+                             alias=alias or (aliases[0] if aliases else None),
                              run_id=mv.run_id, precision=mv.tags.get("precision", "float"))
     if uri.startswith("runs:/"):
         from mlflow.exceptions import MlflowException
