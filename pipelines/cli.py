@@ -240,9 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, DatasetError, ModelFileError, ModelNotFoundError, TrainConfigError,
-            PipelineParamError, FileNotFoundError) as exc:
+            PipelineParamError, FileNotFoundError, ValueError) as exc:
+        # Every domain error is a ValueError subclass whose message names the file, field or value.
         print(f"modelcommons {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:  # e.g. the service failed to start: say why, no traceback
+        print(f"modelcommons {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
