@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
+# Kept literal so `--help` needs no torch import; test_cli checks it equals components.models.detector.PRESETS.
+DETECTOR_PRESETS = ("medium", "nano", "small")
 
 
 def _positive_int(text: str) -> int:
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
     demo.add_argument("--images", type=_positive_int, default=600)
     demo.add_argument("--epochs", type=_positive_int, default=40)
-    demo.add_argument("--preset", default="nano")
+    demo.add_argument("--preset", default="nano", choices=DETECTOR_PRESETS, help="detector size preset")
     demo.add_argument("--port", type=_port, default=8000)
 
     # ui

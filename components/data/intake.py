@@ -143,6 +143,7 @@ def intake(
             val_fraction=val_fraction,
             seed=seed,
             augment=augment,
+            max_error_fraction=max_error_fraction,
             rejected=len(rejections),
             progress=progress,
         )
@@ -393,6 +394,7 @@ def _write_artifact(
     val_fraction: float,
     seed: int,
     augment: bool,
+    max_error_fraction: float,
     rejected: int,
     progress: bool,
 ) -> tuple[Manifest, list[str]]:
@@ -454,6 +456,8 @@ def _write_artifact(
             per_class={c: per_class.get(c, 0) for c in src.classes},
         ),
         augmentations=list(AUGMENTATIONS) if augment else [],
+        params={"format": src.fmt, "val_fraction": val_fraction, "seed": seed,
+                "max_error_fraction": max_error_fraction, "augment": augment},
     )
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return manifest, dropped

@@ -42,6 +42,13 @@ def test_bad_input_exits_2_naming_the_problem(argv: list[str], message: str | No
     assert message in capsys.readouterr().err
 
 
+def test_cli_preset_choices_match_the_model_presets() -> None:
+    from components.models.detector import PRESETS
+    from pipelines.cli import DETECTOR_PRESETS
+
+    assert tuple(sorted(PRESETS)) == DETECTOR_PRESETS
+
+
 def test_argparse_rejects_out_of_range_values(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["data", "intake", "src", "out", "--val-fraction", "1.5"])

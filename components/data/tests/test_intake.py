@@ -75,6 +75,8 @@ def test_coco_intake_writes_the_canonical_artifact(
     }
     assert result.rejections == [] and _rejections(out) == []
     assert result.s3_uri is None and manifest.augmentations == []
+    assert manifest.params == {"format": "coco", "val_fraction": 0.2, "seed": 3, "max_error_fraction": 0.05,
+                               "augment": False}
 
     # Same input and seed -> same dataset identity.
     again = intake(coco_source, tmp_path / "again", seed=3, settings=local_settings, progress=False)
