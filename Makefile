@@ -24,10 +24,11 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-$(TOOLS)/.installed: tools-requirements.txt
+$(TOOLS)/.installed: tools-requirements.txt charts/tools/install-helm.sh
 	test -n "$(PYTHON_TOOLS)" || { echo "Python 3.12 is needed for the Kubernetes checkers (helm-sdkpy)"; exit 1; }
 	$(PYTHON_TOOLS) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --progress-bar off -r tools-requirements.txt
+	charts/tools/install-helm.sh $(TOOLS)/bin
 	touch $@
 
 tools: $(TOOLS)/.installed
