@@ -5,6 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 
 from components.data.component import intake_component
+from components.deploy.component import deploy_component
 from components.evaluate.component import evaluate_component
 from components.tracking.component import register_component
 from components.train.component import train_component
@@ -28,6 +29,9 @@ def detector_train(
     img_size: int = 160,
     bf16: bool = False,
     model_name: str = "detector",
+    deploy_rayservice: str = "",
+    deploy_namespace: str = "modelcommons",
+    deploy_model: str = "detector@champion",
 ) -> NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # type: ignore[valid-type]
                             ("map50", float)]):
     intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
@@ -44,6 +48,11 @@ def detector_train(
                                   map=evaluate.outputs["map"], map50=evaluate.outputs["map50"],
                                   model_name=model_name)
     register.set_display_name("register")
+    # Optional roll-out (cluster runs): point a RayService at the champion once registration is done.
+    with dsl.If(deploy_rayservice != "", name="deploy-requested"):
+        deploy = deploy_component(model=deploy_model, namespace=deploy_namespace,
+                                  rayservice=deploy_rayservice).after(register)
+        deploy.set_display_name("deploy")
     Outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # noqa: UP014
                                      ("map50", float)])
     return Outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],
