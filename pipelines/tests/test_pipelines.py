@@ -24,7 +24,8 @@ def test_every_pipeline_compiles_and_loads_back(name: str, tmp_path: Path) -> No
         tasks = ir["root"]["dag"]["tasks"]
         assert {"intake-component", "train-component", "evaluate-component", "register-component"} < set(tasks)
         branch = next(t for name, t in tasks.items() if name.startswith("condition"))
-        assert branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy_rayservice'] != ''"
+        condition = branch["triggerPolicy"]["condition"]
+        assert condition == "inputs.parameter_values['pipelinechannel--deploy_rayservice'] != ''"
         assert tasks["train-component"]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"] == {
             "outputArtifactKey": "dataset", "producerTask": "intake-component"}
 
