@@ -62,7 +62,7 @@ def test_ui_serves_the_mlflow_ui_on_the_embedded_store(mc_home: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240
         while True:
             try:
                 r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -71,7 +71,7 @@ def test_ui_serves_the_mlflow_ui_on_the_embedded_store(mc_home: Path) -> None:
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "MLflow UI did not come up within 60 s"
+            assert time.monotonic() < deadline, "MLflow UI did not come up within 240 s"
             time.sleep(0.5)
         experiments = httpx.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
                                  json={"max_results": 10}, timeout=10)

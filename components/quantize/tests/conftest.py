@@ -77,11 +77,11 @@ def engine(graph: QuantGraph, calibration: Calibration) -> QuantEngine:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A nano detector trained 3 epochs on the 96 px tiny dataset (about 6 s on 2 cores)."""
+    """A nano detector trained 15 epochs on the 96 px tiny dataset (about 20 s on 2 busy cores)."""
     from components.train.trainer import TrainConfig, train_detector
 
     out = tmp_path_factory.mktemp("quantize-train")
-    config = TrainConfig(preset="nano", epochs=3, batch_size=8, img_size=96, eval_every=100, seed=0)
+    config = TrainConfig(preset="nano", epochs=15, batch_size=8, img_size=96, eval_every=100, seed=0)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # session fixtures start before the package-wide _one_thread fixture
     try:
