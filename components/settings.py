@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     detector_model_uri: str = Field(
         default="models:/detector@champion", description="Model the detector deployment loads."
     )
+    segmenter_model_uri: str = Field(
+        default="", description="Model the segmenter deployment loads, e.g. models:/segmenter@champion; "
+                                "empty = no segmenter (detector-only serving).")
+    embedding_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0,
+                                       description="Bound of the segmenter's image-embedding cache, bytes.")
     serve_num_cpus: float = Field(default=0.5, ge=0.0, description="CPUs per model replica.")
     serve_num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per model replica.")
     serve_replicas: int = Field(default=1, ge=1)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_USAGE = 2
 # Kept literal so `--help` needs no torch import; test_cli checks it equals components.models.detector.PRESETS.
@@ -32,6 +33,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
     return value
 
 
@@ -61,6 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pipeline parameter (repeatable)")
     run.add_argument("--host", help="Kubeflow Pipelines API URL: submit there instead of running locally")
     run.add_argument("--experiment", default="modelcommons", help="KFP experiment (with --host)")
+    submit = psub.add_parser("submit", help="submit a run to a Kubeflow Pipelines server (kfp.Client)")
+    submit.add_argument("name")
+    submit.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. http://ml-pipeline.kubeflow:8888")
+    submit.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="pipeline parameter (repeatable)")
+    submit.add_argument("--experiment", default="modelcommons", help="KFP experiment (created if missing)")
+    submit.add_argument("--run-name", help="run display name (default: KFP's)")
+    upload = psub.add_parser("upload", help="upload compiled pipelines (or a new version) to a KFP server")
+    upload.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
+    upload.add_argument("--name", help="only this pipeline (default: every pipeline)")
+    upload.add_argument("--version", help="version name (default: <package version>-<git commit>)")
+
+    # deploy
+    deploy = sub.add_parser("deploy", help="serve a registered model from the KubeRay RayService (patch, wait)")
+    deploy.add_argument("--model", required=True,
+                        help="registered model: NAME@ALIAS, NAME/VERSION or models:/... (e.g. detector@champion)")
+    deploy.add_argument("--namespace", default="modelcommons", help="namespace of the RayService")
+    deploy.add_argument("--name", default="modelcommons", help="RayService name")
+    deploy.add_argument("--app", default="modelcommons", help="Serve application in serveConfigV2")
+    deploy.add_argument("--timeout", type=_positive_float, default=600.0,
+                        help="seconds to wait for the application to run")
+    deploy.add_argument("--poll-interval", type=_positive_float, default=5.0, help="seconds between status reads")
+    deploy.add_argument("--no-pin", action="store_true",
+                        help="deploy the alias URI itself, not the version it names now")
+    deploy.add_argument("--kubeconfig", type=Path, help="default: in-cluster, $KUBECONFIG or ~/.kube/config")
+    deploy.add_argument("--context", help="kubeconfig context (default: current)")
+    deploy.add_argument("--json", action="store_true", help="print the result as JSON")
 
     # data
     data = sub.add_parser("data", help="generate synthetic data, import a dataset")
@@ -115,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--model-uri", help="default: a fresh untrained nano detector")
     bserve.add_argument("--requests", type=_positive_int, default=200, help="requests per level")
     bserve.add_argument("--port", type=_port, default=8011)
+    bsegment = bsub.add_parser("segment", help="segmenter: cached vs uncached prompt latency, automatic mode, "
+                                               "throughput at concurrency 1 and 8")
+    bsegment.add_argument("--out", type=Path, required=True)
+    bsegment.add_argument("--model-uri", help="segmenter to serve; default: a fresh untrained 'tiny' segmenter")
+    bsegment.add_argument("--img-size", type=_positive_int,
+                          help="input side of the default untrained 'tiny' segmenter (32..256; preset default)")
+    bsegment.add_argument("--requests", type=_positive_int, default=100, help="measured requests per level")
+    bsegment.add_argument("--port", type=_port, default=8012)
+    bsampler = bsub.add_parser("sampler", help="batch samplers (uniform, recency_bias, ...) on digits + detector")
+    bsampler.add_argument("--out", type=Path, required=True, help="JSON file; the PNG is written beside it")
+    bsampler.add_argument("--seeds", type=_positive_int, default=3)
+    bsampler.add_argument("--digits-epochs", type=_positive_int, default=30)
+    bsampler.add_argument("--detector-epochs", type=_positive_int, default=12)
+    bsampler.add_argument("--detector-images", type=_positive_int, default=128)
+    bsampler.add_argument("--samplers", default="uniform,recency_bias,online_batch,active_bias",
+                          help="comma-separated; must include uniform")
+    bsampler.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     return parser
 
 
@@ -132,9 +187,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         path = runner.compile_pipeline(args.name, args.output)
         print(f"wrote {path}")
         return 0
+    if args.action == "upload":
+        for line in runner.upload(host=args.host, name=args.name, version=args.version):
+            print(line)
+        return 0
     params = runner.parse_params(args.name, args.param)
-    if args.host:
-        run_id = runner.submit(args.name, params, host=args.host, experiment=args.experiment)
+    if args.action == "submit" or args.host:
+        run_id = runner.submit(args.name, params, host=args.host, experiment=args.experiment,
+                               run_name=getattr(args, "run_name", None))
         print(f"submitted {args.name} to {args.host}: run {run_id}")
         return 0
     outputs = runner.run_local(args.name, params)
@@ -184,11 +244,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_serve_args(config: dict[str, Any]) -> None:
+    """Refuse a serve config whose ModelCommons applications have args ``ServeArgs`` would not accept."""
+    from serving.app import IMPORT_PATH, ServeArgs
+
+    http = config.get("http_options") or {}
+    bind = {key: http[key] for key in ("host", "port") if key in http}
+    for app in config.get("applications") or []:
+        if app.get("import_path") == IMPORT_PATH:
+            ServeArgs.model_validate({**app.get("args", {}), **bind})
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from components.deploy.rayservice import deploy_model
+
+    result = deploy_model(args.model, namespace=args.namespace, name=args.name, app_name=args.app,
+                          timeout_s=args.timeout, poll_interval_s=args.poll_interval, pin_version=not args.no_pin,
+                          kubeconfig=args.kubeconfig, context=args.context, check_config=_check_serve_args,
+                          progress=lambda line: print(f"deploy: {line}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    what = "deployed" if result.changed else "already deployed"
+    print(f"{what} {result.model_uri} ({args.model}: version {result.model_version}) to RayService "
+          f"{result.namespace}/{result.rayservice}, application {result.app_name}: {result.state} after "
+          f"{result.elapsed_s:.1f} s (was {result.previous_model_uri})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(images=args.images, epochs=args.epochs, preset=args.preset, port=args.port,
-                         keep_serving=args.keep_serving, summary=args.summary))
+                         keep_serving=args.keep_serving,
+                         summary=args.summary))
     return 0
 
 
@@ -209,6 +298,26 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
+    if args.action == "sampler":
+        from components.train.bench_sampler import bench_sampler
+
+        report = bench_sampler(args.out, seeds=args.seeds, digits_epochs=args.digits_epochs,
+                               detector_epochs=args.detector_epochs, detector_images=args.detector_images,
+                               samplers=[s.strip() for s in args.samplers.split(",") if s.strip()],
+                               track=not args.no_track)
+        for task in ("digits", "detector"):
+            for name, row in report[task].items():
+                ratio = row["time_to_uniform_acc_ratio"]
+                print(f"{task:8s} {name:13s} error {row['final_error_mean']:.4f} ± {row['final_error_std']:.4f}  "
+                      f"time-to-uniform-acc {'never' if ratio is None else f'{ratio:.2f}x'}  "
+                      f"sampling {row['sampling_overhead_s_per_epoch'] * 1000:.1f} ms/epoch")
+        print(report["verdict"])
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        return 0
+
+    if args.action == "segment":
+        return _bench_segment(args)
+
     from serving.app import ServeArgs
     from serving.bench import bench_serve
 
@@ -226,12 +335,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_segment(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from serving.app import ServeArgs
+    from serving.bench_segment import bench_segment
+
+    model_uri = args.model_uri
+    if model_uri is None:
+        from components.segment.model import build_segmenter, save_segmenter, segmenter_config
+
+        config = segmenter_config("tiny", img_size=args.img_size)
+        model_uri = str(save_segmenter(build_segmenter(config), config,
+                                       Path(tempfile.mkdtemp(prefix="mc-bench-")) / "sam-tiny"))
+    elif args.img_size is not None:
+        raise ValueError("--img-size applies only to the default untrained segmenter, not to --model-uri")
+    result = bench_segment(ServeArgs.from_settings(model_uri="", segmenter_model_uri=model_uri, port=args.port),
+                           requests=args.requests, out=args.out)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list | dict)}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``modelcommons`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"pipeline": _cmd_pipeline, "data": _cmd_data, "serve": _cmd_serve, "demo": _cmd_demo,
-                "ui": _cmd_ui, "bench": _cmd_bench}
+                "ui": _cmd_ui, "bench": _cmd_bench, "deploy": _cmd_deploy}
     from components.data.format import DatasetError
     from components.models.weights import ModelFileError
     from components.settings import ConfigError

@@ -17,9 +17,11 @@ class PipelineParamError(ValueError):
 
 def pipelines() -> dict[str, Callable[..., Any]]:
     """Every pipeline by its KFP name."""
+    from pipelines.demo_pipeline import demo
     from pipelines.detector_train import detector_train
+    from pipelines.segmenter_train import segmenter_train
 
-    return {"detector-train": detector_train}
+    return {"detector-train": detector_train, "sweep": sweep, "segmenter-train": segmenter_train, "demo": demo}
 
 
 def get_pipeline(name: str) -> Callable[..., Any]:
@@ -91,6 +93,11 @@ def run_local(name: str, params: dict[str, Any], *, settings: Settings | None = 
     """
     from kfp import local
 
+    if name == "sweep" and "space" in params:
+        # fail with the SearchSpaceError itself (CLI exit 2), not a failed-task traceback
+        from components.train.sweep import load_search_space
+
+        load_search_space(params["space"])
     settings = settings or get_settings()
     settings.ensure_dirs()
     os.environ["MODELCOMMONS_HOME"] = str(settings.home)
@@ -100,12 +107,74 @@ def run_local(name: str, params: dict[str, Any], *, settings: Settings | None = 
     return dict(task.outputs) if task is not None and task.outputs else {}
 
 
-def submit(name: str, params: dict[str, Any], *, host: str, experiment: str = "modelcommons",
-           run_name: str | None = None) -> str:
-    """Submit a pipeline run to a Kubeflow Pipelines server; return the run id."""
+def kfp_client(host: str) -> Any:
+    """A ``kfp.Client`` for the Kubeflow Pipelines API at ``host`` (``http(s)://...``).
+
+    Raises :class:`PipelineParamError` for a malformed URL and ``RuntimeError`` when the API's
+    ``/apis/v2beta1/healthz`` does not answer (kfp.Client retries it 5 times, 5 s apart).
+    """
     import kfp
 
-    client = kfp.Client(host=host)
-    result = client.create_run_from_pipeline_func(get_pipeline(name), arguments=params,
-                                                  experiment_name=experiment, run_name=run_name)
+    if not host.startswith(("http://", "https://")):
+        raise PipelineParamError(f"--host {host!r}: expected an http:// or https:// URL of the KFP API")
+    try:
+        return kfp.Client(host=host)
+    except TimeoutError as exc:
+        raise RuntimeError(f"Kubeflow Pipelines API at {host} is not answering: {exc}") from exc
+
+
+def submit(name: str, params: dict[str, Any], *, host: str, experiment: str = "modelcommons",
+           run_name: str | None = None) -> str:
+    """Submit a pipeline run to a Kubeflow Pipelines server through ``kfp.Client``; return the run id."""
+    func = get_pipeline(name)
+    client = kfp_client(host)
+    result = client.create_run_from_pipeline_func(func, arguments=params, experiment_name=experiment,
+                                                  run_name=run_name)
     return str(result.run_id)
+
+
+def default_version_name() -> str:
+    """``<modelcommons package version>-<git commit, 12 hex>``: the same code uploads under the same name."""
+    from importlib.metadata import version
+
+    from components.tracking.setup import git_commit
+
+    commit = git_commit()
+    short = commit.split("-")[0][:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"{version('modelcommons')}-{short}"
+
+
+def upload(*, host: str, name: str | None = None, version: str | None = None) -> list[str]:
+    """Compile every pipeline (or only ``name``) and upload it to the KFP API at ``host``.
+
+    A pipeline the server does not know yet is created; otherwise a version named ``version``
+    (default :func:`default_version_name`) is added, unless a version of that name exists already,
+    so re-running (e.g. the chart's upload Job on every ``helm upgrade``) changes nothing.
+    Returns one report line per pipeline.
+    """
+    import json
+    import tempfile
+
+    names = [name] if name else sorted(pipelines())
+    for each in names:
+        get_pipeline(each)  # unknown name: fail before contacting the server
+    version = version or default_version_name()
+    client = kfp_client(host)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="mc-upload-") as tmp:
+        for each in names:
+            package = str(compile_pipeline(each, Path(tmp) / f"{each}.yaml"))
+            pipeline_id = client.get_pipeline_id(each)
+            if pipeline_id is None:
+                created = client.upload_pipeline(package, pipeline_name=each,
+                                                 description=f"ModelCommons {each} ({version})")
+                lines.append(f"{each}: created pipeline {created.pipeline_id}")
+                continue
+            same = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name",
+                                               "stringValue": version}]})
+            if client.list_pipeline_versions(pipeline_id, filter=same).pipeline_versions:
+                lines.append(f"{each}: version {version} is already on pipeline {pipeline_id}; nothing uploaded")
+                continue
+            added = client.upload_pipeline_version(package, version, pipeline_id=pipeline_id)
+            lines.append(f"{each}: added version {version} ({added.pipeline_version_id}) to pipeline {pipeline_id}")
+    return lines

@@ -1,4 +1,4 @@
-"""The Ray Serve application: a FastAPI ingress composed with the detector deployment.
+"""The Ray Serve application: a FastAPI ingress composed with the detector and segmenter deployments.
 
 HTTP API (all errors are JSON ``{"detail": "..."}``):
 
@@ -6,6 +6,11 @@ HTTP API (all errors are JSON ``{"detail": "..."}``):
   ``{"image_b64": ..., "score_threshold"?, "iou_threshold"?, "max_detections"?, "model"?}``.
   Query: ``format=json|image`` and the same optional knobs (a JSON body value wins over the query).
   Answers :class:`~serving.schemas.DetectResponse`, or ``image/png`` with the boxes drawn.
+- ``POST /v1/segment``: multipart fields ``image`` (a file) and ``prompts`` (JSON text of
+  :class:`~serving.schemas.SegmentParams`), or a JSON body :class:`~serving.schemas.SegmentJSONRequest`
+  (``image_b64`` or ``image_id``, ``points``/``labels``, ``boxes``). Query ``output=json|mask|blended``
+  (a body value wins). Answers :class:`~serving.schemas.SegmentResponse`, a PNG label image or a
+  blended PNG. Only when the application has a segmenter (``segmenter_model_uri``); else 404.
 - ``GET /healthz``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
 ``build_app(ServeArgs)`` builds the application; ``app_builder(dict)`` is the import path for
@@ -21,11 +26,12 @@ import reprlib
 import time
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
@@ -43,6 +49,7 @@ from serving.detector import (
     DetectTask,
     UnknownModelError,
 )
+from serving.embedding_cache import image_sha256
 from serving.images import BadImageError, ImageLimits, ImageTooLargeError, check_byte_size, decode_image
 from serving.schemas import (
     DetectJSONRequest,
@@ -50,8 +57,23 @@ from serving.schemas import (
     DetectResponse,
     ErrorMessage,
     Health,
+    ModelInfo,
     ModelList,
     OutputFormat,
+    SegmenterInfo,
+    SegmentJSONRequest,
+    SegmentOutput,
+    SegmentParams,
+    SegmentResponse,
+)
+from serving.segmenter import (
+    DEFAULT_CACHE_BYTES,
+    PromptError,
+    SegmenterDeployment,
+    SegmenterUserConfig,
+    SegmentResult,
+    SegmentTask,
+    UnknownImageError,
 )
 
 APP_NAME = "modelcommons"
@@ -66,8 +88,15 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_uri: str = Field(min_length=1,
-                           description="Model the detector loads, e.g. models:/detector@champion.")
+    # "" (not None) switches a model off: Helm drops null values, and the chart passes these fields as they are.
+    model_uri: str = Field(default="", description="Model the detector loads, e.g. models:/detector@champion; "
+                                                   "'' = no detector (POST /v1/detect answers 404).")
+    segmenter_model_uri: str = Field(
+        default="", description="Model the segmenter loads, e.g. models:/segmenter@champion; '' = no segmenter "
+                                "(POST /v1/segment answers 404).")
+    embedding_cache_bytes: int = Field(default=DEFAULT_CACHE_BYTES, ge=0,
+                                       description="Bound of the segmenter's image-embedding cache, bytes.")
+    segmenter_num_cpus: float = Field(default=0.5, ge=0.0, description="CPUs of the segmenter replica.")
     host: str = Field(default="127.0.0.1", description="HTTP proxy bind address.")
     port: int = Field(default=8000, ge=1, le=65535)
     num_cpus: float = Field(default=0.5, ge=0.0, description="CPUs per detector replica (fractions allowed).")
@@ -83,12 +112,19 @@ class ServeArgs(BaseModel):
     ingress_num_cpus: float = Field(default=0.1, ge=0.0, description="CPUs of the HTTP ingress replica.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Concurrent requests per replica.")
 
+    @model_validator(mode="after")
+    def _serves_something(self) -> "ServeArgs":
+        if not self.model_uri and not self.segmenter_model_uri:
+            raise ValueError("nothing to serve: set model_uri (detector) and/or segmenter_model_uri")
+        return self
+
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> "ServeArgs":
         """Arguments from ``MODELCOMMONS_*`` settings, with explicit ``overrides`` on top."""
         s = settings or get_settings()
         values: dict[str, Any] = {
-            "model_uri": s.detector_model_uri, "host": s.serve_host, "port": s.serve_port,
+            "model_uri": s.detector_model_uri, "segmenter_model_uri": s.segmenter_model_uri,
+            "embedding_cache_bytes": s.embedding_cache_bytes, "host": s.serve_host, "port": s.serve_port,
             "num_cpus": s.serve_num_cpus, "num_gpus": s.serve_num_gpus, "replicas": s.serve_replicas,
             "max_batch_size": s.serve_max_batch_size, "batch_wait_timeout_s": s.serve_batch_wait_timeout_s,
             "max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
@@ -106,6 +142,13 @@ class ServeArgs(BaseModel):
                                   max_batch_size=self.max_batch_size,
                                   batch_wait_timeout_s=self.batch_wait_timeout_s)
 
+    def segmenter_user_config(self) -> SegmenterUserConfig:
+        # The prompt decoder keeps its own short batch wait (SegmenterUserConfig); the encoder, whose
+        # step costs as much as a detector pass, waits like the detector.
+        return SegmenterUserConfig(model_uri=self.segmenter_model_uri or None, cache_bytes=self.embedding_cache_bytes,
+                                   max_batch_size=self.max_batch_size,
+                                   encoder_batch_wait_timeout_s=self.batch_wait_timeout_s)
+
 
 # ---- errors: every domain exception becomes a 4xx/5xx JSON body here, and only here -------------
 
@@ -119,7 +162,15 @@ class RequestFormatError(ValueError):
 
 
 class DetectorUnavailableError(RuntimeError):
+    """A model deployment (detector or segmenter) does not answer. HTTP 503."""
+
     status_code = 503
+
+
+class NotServedError(LookupError):
+    """This application was built without the model an endpoint needs. HTTP 404."""
+
+    status_code = 404
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -130,11 +181,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorMessage, "description": "Missing field or parameter out of range."},
     503: {"model": ErrorMessage, "description": "The detector deployment is not available."},
 }
+SEGMENT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: {"model": ErrorMessage, "description": "Unknown image_id (never sent or evicted), or no segmenter."},
+    422: {"model": ErrorMessage, "description": "Prompts outside the image, wrong shapes, labels that do not "
+                                               "match the points, unknown output form."},
+    503: {"model": ErrorMessage, "description": "The segmenter deployment is not available."},
+}
 
 app = FastAPI(
     title="ModelCommons serving",
     version="1",
-    description="Object detection over HTTP. Errors are JSON {\"detail\": \"...\"}.",
+    description="Object detection and promptable segmentation over HTTP. "
+                "Errors are JSON {\"detail\": \"...\"}.",
 )
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -154,6 +213,21 @@ async def _bad_image(_: Request, exc: BadImageError) -> JSONResponse:
 @app.exception_handler(UnknownModelError)
 async def _unknown_model(_: Request, exc: UnknownModelError) -> JSONResponse:
     return _error(UnknownModelError.status_code, str(_cause(exc)))
+
+
+@app.exception_handler(UnknownImageError)
+async def _unknown_image(_: Request, exc: UnknownImageError) -> JSONResponse:
+    return _error(UnknownImageError.status_code, str(_cause(exc)))
+
+
+@app.exception_handler(PromptError)
+async def _bad_prompt(_: Request, exc: PromptError) -> JSONResponse:
+    return _error(PromptError.status_code, str(_cause(exc)))
+
+
+@app.exception_handler(NotServedError)
+async def _not_served(_: Request, exc: NotServedError) -> JSONResponse:
+    return _error(NotServedError.status_code, str(exc))
 
 
 @app.exception_handler(RequestFormatError)
@@ -234,25 +308,72 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _validation_error(exc: ValidationError, loc: tuple[str, ...]) -> RequestValidationError:
+    """A pydantic error on a body part, reported like FastAPI's own (``loc`` prefixed) -> 422."""
+    return RequestValidationError([{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False)])
+
+
+# Defined before the ingress class: serve.ingress captures the module globals it sees then.
+def _decode_and_hash(data: bytes, limits: ImageLimits) -> tuple[torch.Tensor, str]:
+    """Untrusted image bytes -> (``3xHxW`` uint8 tensor, sha256 of its pixels = its image_id)."""
+    image = decode_image(data, limits)
+    return image, image_sha256(image)
+
+
+_SEGMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object",
+                           "properties": {"image": {"type": "string", "format": "binary"},
+                                          "prompts": {"type": "string",
+                                                      "description": "JSON text of SegmentParams."}}},
+            },
+            "application/json": {"schema": SegmentJSONRequest.model_json_schema()},
+        },
+    }
+}
+
+
 @serve.ingress(app)
 class Ingress:
-    """HTTP front door: validates and decodes input, calls the detector, maps errors, counts metrics."""
+    """HTTP front door: validates and decodes input, calls the models, maps errors, counts metrics."""
 
-    def __init__(self, detector: DeploymentHandle, *, limits: ImageLimits) -> None:
+    def __init__(self, detector: DeploymentHandle | None, *, limits: ImageLimits,
+                 segmenter: DeploymentHandle | None = None) -> None:
         self._detector = detector
+        self._segmenter = segmenter
         self._limits = limits
 
-    async def _image_bytes(self, request: Request) -> tuple[bytes, DetectParams | None]:
-        """Raw image file bytes from a multipart or JSON request, plus the JSON body's parameters."""
+    def _content_type(self, request: Request) -> str:
+        """The media type, after refusing (413) a declared body length over the image limit."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        b64_limit = (self._limits.max_bytes + 2) // 3 * 4 + BODY_OVERHEAD_BYTES
         declared = request.headers.get("content-length")
         if declared and declared.isdigit():
-            limit = b64_limit if ctype == "application/json" else self._limits.max_bytes + BODY_OVERHEAD_BYTES
+            limit = self._b64_limit if ctype == "application/json" else self._limits.max_bytes + BODY_OVERHEAD_BYTES
             if int(declared) > limit:
                 raise ImageTooLargeError(
                     f"request body is {declared} bytes; the image limit is {self._limits.max_bytes} bytes "
                     "(MODELCOMMONS_MAX_IMAGE_BYTES)")
+        return ctype
+
+    @property
+    def _b64_limit(self) -> int:
+        return (self._limits.max_bytes + 2) // 3 * 4 + BODY_OVERHEAD_BYTES
+
+    def _b64_image(self, text: str) -> bytes:
+        # Size before decoding: 4 base64 characters carry 3 bytes.
+        check_byte_size(len(text) * 3 // 4 - text[-2:].count("="), self._limits)
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise BadImageError(f"body.image_b64 is not valid base64: {exc}") from exc
+
+    async def _image_bytes(self, request: Request) -> tuple[bytes, DetectParams | None]:
+        """Raw image file bytes from a multipart or JSON request, plus the JSON body's parameters."""
+        ctype = self._content_type(request)
+        b64_limit = self._b64_limit
         if ctype == "multipart/form-data":
             async with request.form(max_files=1, max_fields=16) as form:
                 upload = form.get("image")
@@ -270,15 +391,8 @@ class Ingress:
             try:
                 req = DetectJSONRequest.model_validate_json(body)
             except ValidationError as exc:
-                raise RequestValidationError(
-                    [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-                ) from exc
-            # Size before decoding: 4 base64 characters carry 3 bytes.
-            check_byte_size(len(req.image_b64) * 3 // 4 - req.image_b64[-2:].count("="), self._limits)
-            try:
-                data = base64.b64decode(req.image_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise BadImageError(f"body.image_b64 is not valid base64: {exc}") from exc
+                raise _validation_error(exc, ("body",)) from exc
+            data = self._b64_image(req.image_b64)
             params = DetectParams.model_validate(req.model_dump(exclude={"image_b64"}, exclude_none=True))
             return data, params
         raise RequestFormatError(
@@ -300,6 +414,9 @@ class Ingress:
                                            description="Loaded model to use; unknown -> 404.")] = None,
     ) -> Response:
         """Detect objects in one image."""
+        if self._detector is None:
+            raise NotServedError("this service has no detector (ServeArgs.model_uri / "
+                                 "MODELCOMMONS_DETECTOR_MODEL_URI is empty); POST /v1/segment may be served")
         start = time.perf_counter()
         data, body_params = await self._image_bytes(request)
         image = await asyncio.to_thread(decode_image, data, self._limits)  # (3, H, W) uint8
@@ -320,9 +437,88 @@ class Ingress:
                             headers={"X-Model": resp.model, "X-Detections": str(len(resp.detections))})
         return JSONResponse(resp.model_dump(mode="json"))
 
+    async def _segment_input(self, request: Request) -> tuple[bytes | None, SegmentParams]:
+        """Image file bytes (None when only an image_id is sent) and the prompts of a segment request."""
+        ctype = self._content_type(request)
+        data: bytes | None = None
+        if ctype == "multipart/form-data":
+            async with request.form(max_files=1, max_fields=16) as form:
+                unknown = sorted(set(form.keys()) - {"image", "prompts"})
+                if unknown:
+                    raise RequestFormatError(f"unknown multipart field(s) {unknown}; send 'image' (a file) "
+                                             "and 'prompts' (JSON text with points/labels/boxes/image_id)")
+                upload, prompts = form.get("image"), form.get("prompts")
+                if prompts is not None and not isinstance(prompts, str):
+                    raise RequestFormatError("multipart field 'prompts' must be JSON text, not a file")
+                try:
+                    params = SegmentParams.model_validate_json(prompts or "{}")
+                except ValidationError as exc:
+                    raise _validation_error(exc, ("form", "prompts")) from exc
+                if upload is not None:
+                    if not isinstance(upload, UploadFile):
+                        raise RequestFormatError("multipart field 'image' must be a file, not a text value")
+                    if upload.size is not None:
+                        check_byte_size(upload.size, self._limits)
+                    data = await upload.read()
+        elif ctype == "application/json":
+            body = await _read_body(request, self._b64_limit)
+            try:
+                req = SegmentJSONRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise _validation_error(exc, ("body",)) from exc
+            if req.image_b64 is not None:
+                data = self._b64_image(req.image_b64)
+            params = SegmentParams.model_validate(req.model_dump(exclude={"image_b64"}, exclude_unset=True))
+        else:
+            raise RequestFormatError(
+                f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data with fields 'image' "
+                "and 'prompts', or application/json with 'image_b64' or 'image_id'", status_code=415)
+        if data is None and params.image_id is None:
+            raise RequestFormatError("no image: send the image (multipart field 'image' or JSON 'image_b64') "
+                                     "or the image_id of an earlier response")
+        if data is not None and params.image_id is not None:
+            raise RequestFormatError("send the image or an image_id, not both (the image's own image_id is "
+                                     "its sha256 and is computed from it)")
+        return data, params
+
+    @app.post("/v1/segment", response_model=SegmentResponse, openapi_extra=_SEGMENT_BODY,
+              responses={200: {"content": {"image/png": {}},
+                               "description": "Masks as JSON; a PNG label image (output=mask); or the image "
+                                              "with coloured masks (output=blended)."},
+                         **SEGMENT_ERROR_RESPONSES})
+    async def segment(
+        self,
+        request: Request,
+        output: Annotated[SegmentOutput, Query(
+            description="json: masks with RLE, bbox, area, polygon; mask: PNG label image "
+                        "(0 background, i+1 for masks[i]); blended: PNG overlay")] = "json",
+    ) -> Response:
+        """Segment one image from point/box prompts, or everything in it when there is no prompt."""
+        if self._segmenter is None:
+            raise NotServedError("this service has no segmenter; start it with a segmenter model "
+                                 "(ServeArgs.segmenter_model_uri / MODELCOMMONS_SEGMENTER_MODEL_URI)")
+        data, params = await self._segment_input(request)
+        image = None
+        if data is not None:
+            image, image_id = await asyncio.to_thread(_decode_and_hash, data, self._limits)
+        else:
+            assert params.image_id is not None  # checked by _segment_input
+            image_id = params.image_id
+        task = SegmentTask(image_id=image_id, params=params, output=params.output or output, image=image)
+        try:
+            result: SegmentResult = await self._segmenter.segment.remote(task)
+        except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
+            raise DetectorUnavailableError(f"segmenter deployment unavailable: {type(exc).__name__}") from exc
+        resp = result.response
+        if result.png is not None:
+            return Response(content=result.png, media_type="image/png",
+                            headers={"X-Model": resp.model, "X-Image-Id": resp.image_id,
+                                     "X-Embedding-Cache": "hit" if resp.cache_hit else "miss"})
+        return JSONResponse(resp.model_dump(mode="json"))
+
     @app.get("/healthz", response_model=Health, responses={503: ERROR_RESPONSES[503]})
     async def healthz(self) -> Health:
-        """Ready when the detector answers with a loaded model."""
+        """Ready when every configured model deployment answers with a loaded model."""
         info = await self._describe()
         return Health(status="ok", models=[info.name for info in info.models])
 
@@ -338,27 +534,47 @@ class Ingress:
         return Response(content=body, media_type=content_type)
 
     async def _describe(self) -> ModelList:
-        try:
-            info = await asyncio.wait_for(self._detector.describe.remote(), timeout=HEALTH_TIMEOUT_S)
-        except (TimeoutError, RayActorError, RayTaskError, DeploymentUnavailableError) as exc:
-            raise DetectorUnavailableError(f"detector deployment unavailable: {type(exc).__name__}") from exc
-        return ModelList(models=[info])
+        models: list[ModelInfo | SegmenterInfo] = []
+        for what, handle in (("detector", self._detector), ("segmenter", self._segmenter)):
+            if handle is None:
+                continue
+            try:
+                models.append(await asyncio.wait_for(handle.describe.remote(), timeout=HEALTH_TIMEOUT_S))
+            except (TimeoutError, RayActorError, RayTaskError, DeploymentUnavailableError) as exc:
+                raise DetectorUnavailableError(f"{what} deployment unavailable: {type(exc).__name__}") from exc
+        return ModelList(models=models)
 
 
 def build_app(args: ServeArgs) -> Application:
-    """The application graph: ``Ingress(detector=DetectorDeployment(...))`` with resources from ``args``."""
-    detector = serve.deployment(name="detector")(DetectorDeployment).options(
-        num_replicas=args.replicas,
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
-        user_config=args.detector_user_config().model_dump(),
-        # A replica must accept at least a full batch at once, or batches never fill.
-        max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
-    )
+    """The application graph: ``Ingress(DetectorDeployment(...), segmenter=SegmenterDeployment(...))``.
+
+    Either model may be absent (an empty URI); resources come from ``args``.
+    """
+    detector_app = None
+    if args.model_uri:
+        detector = serve.deployment(name="detector")(DetectorDeployment).options(
+            num_replicas=args.replicas,
+            ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+            user_config=args.detector_user_config().model_dump(),
+            # A replica must accept at least a full batch at once, or batches never fill.
+            max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+        )
+        detector_app = detector.bind(model_uri=args.model_uri)
+    segmenter_app = None
+    if args.segmenter_model_uri:
+        # One replica: the embedding cache lives in the replica, so more replicas would miss image_ids.
+        segmenter = serve.deployment(name="segmenter")(SegmenterDeployment).options(
+            num_replicas=1,
+            ray_actor_options={"num_cpus": args.segmenter_num_cpus, "num_gpus": args.num_gpus},
+            user_config=args.segmenter_user_config().model_dump(),
+            max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+        )
+        segmenter_app = segmenter.bind(model_uri=args.segmenter_model_uri, cache_bytes=args.embedding_cache_bytes)
     ingress = serve.deployment(name="ingress")(Ingress).options(
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,
     )
-    return ingress.bind(detector.bind(model_uri=args.model_uri), limits=args.limits)
+    return ingress.bind(detector_app, limits=args.limits, segmenter=segmenter_app)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.schemas import DetectResponse, ModelList
+from serving.schemas import DetectResponse, ModelInfo, ModelList
 
 from .conftest import CLASS_NAMES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
@@ -76,10 +76,11 @@ def test_detect_format_image_returns_png_of_original_size(client: httpx.Client) 
 def test_healthz_and_models(client: httpx.Client, model_dir: Path) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200, r.text
-    assert r.json() == {"status": "ok", "models": ["shapes-nano"]}
+    assert r.json() == {"status": "ok", "models": ["shapes-nano", "sam-tiny"]}  # detector, segmenter
     r = client.get("/v1/models")
     assert r.status_code == 200, r.text
-    (info,) = ModelList.model_validate(r.json()).models
+    info, _segmenter = ModelList.model_validate(r.json()).models
+    assert isinstance(info, ModelInfo)
     assert info.name == "shapes-nano" and info.uri == str(model_dir)
     assert info.precision == "float" and info.version is None and info.alias is None
     assert info.class_names == list(CLASS_NAMES) and info.max_batch_size == 16

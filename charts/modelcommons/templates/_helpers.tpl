@@ -189,6 +189,9 @@ to the ServeArgs field types so that large integers never render in exponent for
 {{- $a := .Values.serving.app }}
 {{- $args := dict
   "model_uri" $a.model_uri
+  "segmenter_model_uri" $a.segmenter_model_uri
+  "embedding_cache_bytes" (int64 $a.embedding_cache_bytes)
+  "segmenter_num_cpus" (float64 $a.segmenter_num_cpus)
   "num_cpus" (float64 $a.num_cpus)
   "num_gpus" (float64 $a.num_gpus)
   "replicas" (int $a.replicas)

@@ -1,0 +1,1 @@
+"""SAM-style promptable segmentation: model presets, training, evaluation and their KFP components."""

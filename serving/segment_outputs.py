@@ -1,0 +1,109 @@
+"""The three answer forms of ``POST /v1/segment``, from one hard segmentation.
+
+All forms describe the same disjoint segments: masks are ranked by score and, where masks overlap,
+the higher-ranked mask keeps the pixels (:func:`hard_segmentation`). So the COCO RLE of ``masks[i]``
+decodes to exactly ``label == i + 1`` in the mask PNG, and its bbox and area are those of that mask.
+
+- ``json``: per segment a COCO RLE (pycocotools), XYWH bbox and area (pycocotools ``toBbox``/``area``
+  on the same RLE), and outer polygons (contourpy, matplotlib's contouring library);
+- ``mask``: an 8-bit PNG label image (0 background, i + 1 for ``masks[i]``);
+- ``blended``: the original image with coloured masks drawn over it
+  (``torchvision.utils.draw_segmentation_masks``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+import torch
+from contourpy import FillType, contour_generator
+from pycocotools import mask as mask_utils
+from torchvision.utils import draw_segmentation_masks
+
+from serving.detector import PALETTE
+from serving.images import encode_png_bytes
+from serving.schemas import MAX_MASKS
+
+BLEND_ALPHA = 0.5
+
+
+def hard_segmentation(masks: torch.Tensor) -> torch.Tensor:
+    """``NxHxW`` bool masks in rank order -> ``HxW`` uint8 label image (0 background, i + 1 for mask i).
+
+    Where masks overlap, the earlier (higher-ranked) mask wins. At most :data:`MAX_MASKS` masks.
+    """
+    if masks.ndim != 3 or masks.dtype != torch.bool:
+        raise ValueError(f"expected NxHxW bool masks, got {tuple(masks.shape)} {masks.dtype}")
+    n = int(masks.shape[0])
+    if n > MAX_MASKS:
+        raise ValueError(f"{n} masks do not fit an 8-bit label image (at most {MAX_MASKS})")
+    label = torch.zeros(masks.shape[-2:], dtype=torch.uint8)
+    for i in range(n - 1, -1, -1):  # paint lowest rank first so higher ranks overwrite it
+        label[masks[i]] = i + 1
+    return label
+
+
+def label_masks(label: torch.Tensor, n: int) -> torch.Tensor:
+    """``HxW`` label image -> ``nxHxW`` bool masks, ``masks[i] = label == i + 1``."""
+    ids = torch.arange(1, n + 1, dtype=label.dtype).view(-1, 1, 1)
+    return label.unsqueeze(0) == ids
+
+
+def encode_rles(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """``NxHxW`` bool masks -> COCO compressed RLEs ``{"size": [H, W], "counts": str}`` (pycocotools)."""
+    if masks.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))  # (H, W, N)
+    rles = mask_utils.encode(fortran)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON
+    return list(rles)
+
+
+def rle_bbox_area(rles: list[dict[str, Any]]) -> tuple[list[list[float]], list[int]]:
+    """XYWH boxes and pixel areas of COCO RLEs, computed by pycocotools from the RLEs themselves."""
+    if not rles:
+        return [], []
+    encoded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+    boxes = mask_utils.toBbox(encoded).tolist()
+    areas = [int(a) for a in mask_utils.area(encoded)]
+    return boxes, areas
+
+
+def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
+    """Outer boundaries of an ``HxW`` bool mask as COCO polygons ``[x1, y1, x2, y2, ...]``.
+
+    The boundary is the 0.5 iso-line through pixel centres (marching squares, contourpy), shifted to
+    COCO's pixel-edge coordinates, so a filled rectangle of pixels ``[x0, x1) x [y0, y1)`` gives a
+    polygon along ``x0``, ``x1``, ``y0``, ``y1`` (with its corners cut at 45 degrees). Holes are left
+    out: COCO polygons are filled, the RLE carries the holes.
+    """
+    m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if not m.any():
+        return []
+    z = np.pad(m.astype(np.float64), 1)  # zero border: every region gets a closed boundary
+    filled = contour_generator(z=z, fill_type=FillType.OuterOffset).filled(0.5, 2.0)
+    points, offsets = cast(tuple[list[np.ndarray], list[np.ndarray]], filled)  # OuterOffset: (points, offsets)
+    polygons: list[list[float]] = []
+    for pts, offs in zip(points, offsets, strict=True):
+        outer = pts[int(offs[0]):int(offs[1])] - 0.5  # ring 0 is the outer boundary; -1 pad + 0.5 centre
+        if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
+            outer = outer[:-1]  # COCO polygons are implicitly closed
+        if len(outer) >= 3:
+            polygons.append(np.round(outer.reshape(-1), 2).tolist())
+    return polygons
+
+
+def label_png(label: torch.Tensor) -> bytes:
+    """``HxW`` uint8 label image -> 8-bit grayscale PNG bytes."""
+    return encode_png_bytes(label.unsqueeze(0))
+
+
+def blended_png(image: torch.Tensor, masks: torch.Tensor, *, alpha: float = BLEND_ALPHA) -> bytes:
+    """``3xHxW`` uint8 image + ``NxHxW`` bool masks -> PNG of the image with coloured masks over it."""
+    if masks.shape[0] == 0:
+        return encode_png_bytes(image)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(int(masks.shape[0]))]
+    drawn = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
+    return encode_png_bytes(drawn)
