@@ -27,6 +27,8 @@ class LossParts:
     cls: torch.Tensor
     box: torch.Tensor
     ctr: torch.Tensor
+    # B detached per-image losses (focal/own positives + 2*GIoU + centerness BCE): Online Batch's ranking key
+    per_image: torch.Tensor | None = None
 
 
 def assign(centers: torch.Tensor, strides: torch.Tensor, boxes: torch.Tensor, *, radius: float = 1.5
@@ -81,10 +83,16 @@ def detection_loss(model: Detector, raw: torch.Tensor, targets: list[tuple[torch
         pos_gt.append(boxes[matched])
         pos_idx.append((torch.full_like(pos, b), pos))
     num_pos = max(sum(p.shape[0] for p in pos_pred), 1)
-    cls_loss = sigmoid_focal_loss(raw[..., 5:], cls_target, reduction="sum") / num_pos
+    focal = sigmoid_focal_loss(raw[..., 5:], cls_target, reduction="none")  # (B, N, K)
+    cls_loss = focal.sum() / num_pos
+    batch = raw.shape[0]
+    pos_per_image = torch.zeros(batch, device=raw.device)
+    for bi_, ci_ in pos_idx:
+        pos_per_image[bi_[0]] = ci_.numel()
+    per_image = focal.detach().sum(dim=(1, 2)) / pos_per_image.clamp(min=1)
     if not pos_pred:
         zero = raw.sum() * 0.0
-        return LossParts(total=cls_loss + zero, cls=cls_loss, box=zero, ctr=zero)
+        return LossParts(total=cls_loss + zero, cls=cls_loss, box=zero, ctr=zero, per_image=per_image)
     pred = torch.cat(pos_pred)
     gt = torch.cat(pos_gt)
     bi = torch.cat([p[0] for p in pos_idx])
@@ -101,4 +109,53 @@ def detection_loss(model: Detector, raw: torch.Tensor, targets: list[tuple[torch
     box_loss = (giou * centerness).sum() / centerness.sum().clamp(min=1e-6)
     ctr_loss = F.binary_cross_entropy_with_logits(raw[bi, ci, 4], centerness, reduction="mean")
     total = cls_loss + 2.0 * box_loss + ctr_loss
-    return LossParts(total=total, cls=cls_loss.detach(), box=box_loss.detach(), ctr=ctr_loss.detach())
+    with torch.no_grad():  # per-image box and centerness terms, each normalised by the image's own cells
+        counts = torch.zeros(batch, device=raw.device).index_add_(0, bi, torch.ones_like(centerness))
+        ctr_w = torch.zeros(batch, device=raw.device).index_add_(0, bi, centerness)
+        box_img = torch.zeros(batch, device=raw.device).index_add_(0, bi, giou * centerness) / ctr_w.clamp(min=1e-6)
+        bce = F.binary_cross_entropy_with_logits(raw[bi, ci, 4], centerness, reduction="none")
+        ctr_img = torch.zeros(batch, device=raw.device).index_add_(0, bi, bce) / counts.clamp(min=1)
+        per_image = per_image + 2.0 * box_img.detach() + ctr_img.detach()
+    return LossParts(total=total, cls=cls_loss.detach(), box=box_loss.detach(), ctr=ctr_loss.detach(),
+                     per_image=per_image)
+
+
+# Up to this many classes the predicted label is the detected class set (k = 2**K labels); beyond it,
+# the top class (k = K + 1), so label ids stay small and meaningful.
+MAX_CLASS_SET_CLASSES = 10
+
+
+def feedback_label_count(num_classes: int) -> int:
+    """k, the number of distinct predicted labels :func:`image_feedback` can return."""
+    return 2**num_classes if num_classes <= MAX_CLASS_SET_CLASSES else num_classes + 1
+
+
+def image_feedback(raw: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                   *, score_threshold: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image "predicted label" and true-label probability for adaptive batch selection.
+
+    raw: BxNx(5+K) from the training forward pass; targets as in :func:`detection_loss`.
+    The image-level score of class c is the highest detection score ``sqrt(sigmoid(cls_c) *
+    sigmoid(ctr))`` over all cells (the score :meth:`Detector.postprocess` thresholds). The predicted
+    label is the *class set* ``{c : score_c > score_threshold}`` encoded as a bitmask (an id in
+    ``[0, 2**K)``, so k = 2**K labels) for K <= 10 classes; for more classes it is ``1 + argmax_c
+    score_c``, or 0 when no class passes the threshold (k = K + 1). The true-label probability is the
+    mean over classes of ``score_c`` for classes present in the image and ``1 - score_c`` for absent ones.
+    Returns ``(predicted B int64, true_prob B float)`` on CPU.
+    """
+    with torch.no_grad():
+        raw = raw.detach().float()
+        scores = torch.sqrt(raw[..., 5:].sigmoid() * raw[..., 4:5].sigmoid()).amax(dim=1)  # (B, K)
+        detected = scores > score_threshold
+        if num_classes <= MAX_CLASS_SET_CLASSES:
+            bits = 2 ** torch.arange(num_classes, device=raw.device)
+            predicted = (detected.long() * bits).sum(dim=1)
+        else:
+            top, top_class = scores.max(dim=1)
+            predicted = torch.where(top > score_threshold, top_class + 1, torch.zeros_like(top_class))
+        present = torch.zeros_like(scores)
+        for b, (_, labels) in enumerate(targets):
+            if labels.numel():
+                present[b, labels.long()] = 1.0
+        true_prob = (present * scores + (1 - present) * (1 - scores)).mean(dim=1)
+    return predicted.cpu(), true_prob.cpu()

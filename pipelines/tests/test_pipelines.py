@@ -39,7 +39,7 @@ def test_params_are_typed_and_checked() -> None:
         parse_params("detector-train", ["source=/d", "epoch=3"])
     with pytest.raises(PipelineParamError, match="needs --param for: source"):
         parse_params("detector-train", [])
-    with pytest.raises(PipelineParamError, match="unknown pipeline 'nope'; available: detector-train"):
+    with pytest.raises(PipelineParamError, match=r"unknown pipeline 'nope'; available: .*detector-train"):
         parse_params("nope", [])
 
 
