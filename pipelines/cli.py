@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=40)
     demo.add_argument("--preset", default="nano", choices=DETECTOR_PRESETS, help="detector size preset")
     demo.add_argument("--port", type=_port, default=8000)
+    demo.add_argument("--segmenter-epochs", type=_positive_int, default=16, help="epochs of the tiny segmenter")
 
     # ui
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
@@ -276,7 +277,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(images=args.images, epochs=args.epochs, preset=args.preset, port=args.port,
-                         keep_serving=args.keep_serving,
+                         segmenter_epochs=args.segmenter_epochs, keep_serving=args.keep_serving,
                          summary=args.summary))
     return 0
 

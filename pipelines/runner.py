@@ -17,9 +17,12 @@ class PipelineParamError(ValueError):
 
 def pipelines() -> dict[str, Callable[..., Any]]:
     """Every pipeline by its KFP name."""
+    from pipelines.demo_pipeline import demo
     from pipelines.detector_train import detector_train
+    from pipelines.segmenter_train import segmenter_train
+    from pipelines.sweep import sweep
 
-    return {"detector-train": detector_train}
+    return {"detector-train": detector_train, "sweep": sweep, "segmenter-train": segmenter_train, "demo": demo}
 
 
 def get_pipeline(name: str) -> Callable[..., Any]:
