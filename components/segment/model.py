@@ -26,7 +26,6 @@ No code here downloads weights: official checkpoints come from a local path or a
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from components.models.weights import CONFIG_FILE, WEIGHTS_FILE, ModelFileError
+from components.models.files import WEIGHTS_FILE, ModelFileError, read_model_config, read_weights, save_model_dir
 
 SEGMENTER_PRESETS: tuple[str, ...] = ("tiny", "vit_b", "vit_l", "vit_h")
 OFFICIAL_PRESETS: tuple[str, ...] = ("vit_b", "vit_l", "vit_h")
@@ -246,34 +244,13 @@ def _preview(items: list[str], limit: int = 20) -> str:
 
 def save_segmenter(model: Sam, config: SegmenterConfig, directory: Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory``; return the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"kind": KIND, "preset": config.preset})
-    doc = {"kind": KIND, "format_version": FORMAT_VERSION, "config": config.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
-    return directory
+    return save_model_dir(model, directory, kind=KIND, format_version=FORMAT_VERSION, config=config.to_dict(),
+                          metadata={"preset": config.preset})
 
 
 def read_segmenter_config(directory: Path) -> SegmenterConfig:
     """Parse ``<directory>/config.json``; raise :class:`ModelFileError` naming the file and field."""
-    path = Path(directory) / CONFIG_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        kind = doc.get("kind") if isinstance(doc, dict) else doc
-        raise ModelFileError(f"{path}: field 'kind' must be {KIND!r}, got {kind!r}")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format_version {doc.get('format_version')!r} unsupported; expected {FORMAT_VERSION}")
-    try:
-        return SegmenterConfig.from_dict(doc["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: invalid 'config': {exc}") from exc
+    return read_model_config(directory, kind=KIND, format_version=FORMAT_VERSION, parse=SegmenterConfig.from_dict)
 
 
 def load_segmenter(directory: Path, *, device: str | torch.device = "cpu") -> tuple[Sam, SegmenterConfig]:
@@ -283,14 +260,8 @@ def load_segmenter(directory: Path, *, device: str | torch.device = "cpu") -> tu
     """
     directory = Path(directory)
     config = read_segmenter_config(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelFileError(f"{weights}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ModelFileError(f"{weights}: not a readable safetensors file: {exc}") from exc
-    model = load_state_strict(config, state, source=str(weights))
+    state = read_weights(directory, device="cpu")
+    model = load_state_strict(config, state, source=str(directory / WEIGHTS_FILE))
     return model.to(device), config
 
 

@@ -30,7 +30,6 @@ from segment_anything.modeling import Sam
 from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
-from components.data.format import Manifest
 from components.segment.data import SegSample, jitter_boxes, load_seg_samples, masks_to_boxes_xyxy, random_points
 from components.segment.evaluate import draw_overlays, evaluate_segmenter
 from components.segment.model import (
@@ -42,6 +41,7 @@ from components.segment.model import (
     segmenter_config,
 )
 from components.segment.predict import decode, encode_images, input_res_logits
+from components.tracking.run_tracker import RunTracker
 from components.train.checkpoints import CheckpointStore
 
 
@@ -289,9 +289,13 @@ def train_segmenter(dataset_dir: Path, out_dir: Path, config: SegTrainConfig, *,
         history = json.loads(state["history"])
         run_id = state["run_id"] or None
 
-    tracker = _Tracker(track, run_name=run_name, run_id=run_id)
+    tracker = RunTracker(track, task="segmentation", log_model=_log_segmenter_model, run_name=run_name,
+                         run_id=run_id)
     with tracker, _deterministic():
-        tracker.log_params(config, model_config, manifest, len(train_samples), len(val_samples))
+        # img_size: the resolved input side (the recipe's 0 means the preset's own)
+        tracker.log_recipe({**config.to_params(), "img_size": model_config.img_size}, manifest,
+                           n_train=len(train_samples), n_val=len(val_samples), tags={"preset": config.preset},
+                           config_files={"segmenter_config.json": model_config.to_dict()})
         for epoch in range(start_epoch, config.epochs):
             model.train()
             if config.freeze_encoder:
@@ -375,64 +379,7 @@ def _write_pictures(model: Sam, samples: list[SegSample], history: list[dict[str
             plot_history(history, out_dir / "training_curves.png")]
 
 
-class _Tracker:
-    """MLflow logging for a segmenter training run; a no-op when tracking is off."""
+def _log_segmenter_model(model_dir: Path) -> str:
+    from components.segment.model_logging import log_segmenter_model  # imports mlflow: only when tracking
 
-    def __init__(self, enabled: bool, *, run_name: str | None, run_id: str | None) -> None:
-        self.enabled = enabled
-        self.run_name = run_name
-        self.run_id = run_id
-
-    def __enter__(self) -> _Tracker:
-        if self.enabled:
-            import mlflow
-
-            from components.tracking.setup import configure_mlflow
-
-            configure_mlflow()
-            run = mlflow.start_run(run_id=self.run_id, run_name=None if self.run_id else self.run_name)
-            self.run_id = run.info.run_id
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
-
-    def log_params(self, config: SegTrainConfig, model_config: SegmenterConfig, manifest: Manifest,
-                   n_train: int, n_val: int) -> None:
-        if not self.enabled:
-            return
-        import mlflow
-
-        from components.tracking.setup import git_commit
-
-        params = {**config.to_params(), "img_size": model_config.img_size, "train_images": n_train,
-                  "val_images": n_val, "classes": ",".join(manifest.classes)}
-        mlflow.log_params(params)
-        mlflow.log_dict(model_config.to_dict(), "segmenter_config.json")
-        mlflow.set_tags({"dataset_sha256": manifest.sha256, "dataset_name": manifest.name,
-                         "git_commit": git_commit(), "task": "segmentation", "modelcommons.stage": "train",
-                         "preset": config.preset})
-
-    def log_epoch(self, row: dict[str, float]) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-    def finish(self, model_dir: Path, artifacts: list[Path], final: dict[str, float]) -> str | None:
-        if not self.enabled:
-            return None
-        import mlflow
-
-        from components.segment.model_logging import log_segmenter_model
-
-        mlflow.log_metrics({f"final_val_{k}": v for k, v in final.items()})
-        for path in artifacts:
-            mlflow.log_artifact(str(path), artifact_path="pictures")
-        uri = log_segmenter_model(model_dir)
-        mlflow.set_tag("model_uri", uri)
-        return uri
-
+    return log_segmenter_model(model_dir)

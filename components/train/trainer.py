@@ -19,6 +19,7 @@ from components.data.loader import Sample, load_samples
 from components.evaluate.coco import evaluate_detector
 from components.models.detector import Detector, build_detector, detector_config
 from components.models.weights import save_detector
+from components.tracking.run_tracker import RunTracker
 from components.train.checkpoints import CHECKPOINT_FILE, CheckpointStore
 from components.train.loss import detection_loss, feedback_label_count, image_feedback
 from components.train.samplers import (
@@ -359,65 +360,20 @@ def _write_pictures(model: Detector, samples: list[Sample], manifest: Manifest,
             plot_history(history, out_dir / "training_curves.png")]
 
 
-class _Tracker:
-    """MLflow logging for a training run; a no-op when tracking is off."""
+def _log_detector_model(model_dir: Path) -> str:
+    from components.tracking.model_logging import log_detector_model  # imports mlflow: only when tracking
+
+    return log_detector_model(model_dir)
+
+
+class _Tracker(RunTracker):
+    """The detector's :class:`RunTracker` (also used by :mod:`components.train.distributed`)."""
 
     def __init__(self, enabled: bool, *, run_name: str | None, run_id: str | None,
                  parent_run_id: str | None = None) -> None:
-        self.enabled = enabled
-        self.run_name = run_name
-        self.run_id = run_id
-        self.parent_run_id = parent_run_id
-
-    def __enter__(self) -> _Tracker:
-        if self.enabled:
-            import mlflow
-
-            from components.tracking.setup import configure_mlflow
-
-            configure_mlflow()
-            if self.run_id or not self.parent_run_id:
-                run = mlflow.start_run(run_id=self.run_id, run_name=None if self.run_id else self.run_name)
-            else:
-                run = mlflow.start_run(run_name=self.run_name, parent_run_id=self.parent_run_id)
-            self.run_id = run.info.run_id
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        super().__init__(enabled, task="detection", log_model=_log_detector_model, run_name=run_name,
+                         run_id=run_id, parent_run_id=parent_run_id)
 
     def log_params(self, config: TrainConfig, manifest: Manifest, n_train: int, n_val: int) -> None:
-        if not self.enabled:
-            return
-        import mlflow
-
-        from components.tracking.setup import git_commit
-
-        mlflow.log_params({**config.to_params(), "num_classes": len(manifest.classes),
-                           "classes": ",".join(manifest.classes), "train_images": n_train,
-                           "val_images": n_val})
-        mlflow.set_tags({"dataset_sha256": manifest.sha256, "dataset_name": manifest.name,
-                         "git_commit": git_commit(), "task": "detection", "modelcommons.stage": "train"})
-
-    def log_epoch(self, row: dict[str, float]) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-    def finish(self, model_dir: Path, artifacts: list[Path], final: dict[str, float]) -> str | None:
-        if not self.enabled:
-            return None
-        import mlflow
-
-        from components.tracking.model_logging import log_detector_model
-
-        mlflow.log_metrics({f"final_val_{k}": v for k, v in final.items()})
-        for path in artifacts:
-            mlflow.log_artifact(str(path), artifact_path="pictures")
-        info = log_detector_model(model_dir)
-        mlflow.set_tag("model_uri", info)
-        return info
+        self.log_recipe({**config.to_params(), "num_classes": len(manifest.classes)}, manifest,
+                        n_train=n_train, n_val=n_val)
