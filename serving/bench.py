@@ -21,9 +21,7 @@ import io
 import json
 import os
 import platform
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
+from serving.loadgen import LoadStats, percentile, run_load
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench"
@@ -54,15 +53,6 @@ def bench_image(width: int = 320, height: int = 240) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """``q``-th percentile (0..100) with linear interpolation; ``values`` must be non-empty."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def raw_forward(model_uri: str, image_png: bytes, *, batch_sizes: tuple[int, ...] = RAW_BATCH_SIZES,
@@ -94,8 +84,8 @@ def raw_forward(model_uri: str, image_png: bytes, *, batch_sizes: tuple[int, ...
                     t0 = time.perf_counter()
                     loaded.detector(batch)
                     times.append(time.perf_counter() - t0)
-                p50 = _percentile(times, 50)
-                out[f"batch_{b}"] = {"p50_ms": p50 * 1e3, "p95_ms": _percentile(times, 95) * 1e3,
+                p50 = percentile(times, 50)
+                out[f"batch_{b}"] = {"p50_ms": p50 * 1e3, "p95_ms": percentile(times, 95) * 1e3,
                                      "ms_per_image": p50 * 1e3 / b, "images_per_s": b / p50,
                                      "repeats": float(reps)}
     finally:
@@ -104,41 +94,17 @@ def raw_forward(model_uri: str, image_png: bytes, *, batch_sizes: tuple[int, ...
 
 
 def http_load(url: str, image_png: bytes, *, concurrency: int, requests: int,
-              warmup: int = 4) -> dict[str, float]:
+              warmup: int = 4) -> LoadStats:
     """Send ``requests`` multipart ``POST {url}/v1/detect`` from ``concurrency`` threads (one client each).
 
-    Returns p50/p95 latency (ms), throughput (requests/s over the wall time) and the error count.
+    At least ``concurrency`` unmeasured requests go first. Returns p50/p95 latency (ms), throughput
+    (requests/s over the wall time) and the error count (see :func:`serving.loadgen.run_load`).
     """
-    local = threading.local()
-    clients: list[httpx.Client] = []
-    lock = threading.Lock()
+    def detect(client: httpx.Client, _: int) -> httpx.Response:
+        return client.post(f"{url}/v1/detect", files={"image": ("bench.png", image_png, "image/png")})
 
-    def one(_: int) -> tuple[float, int]:
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = httpx.Client(timeout=60.0)
-            with lock:
-                clients.append(client)
-        t0 = time.perf_counter()
-        r = client.post(f"{url}/v1/detect", files={"image": ("bench.png", image_png, "image/png")})
-        return time.perf_counter() - t0, r.status_code
-
-    try:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(pool.map(one, range(max(warmup, concurrency))))  # connections and replicas warm
-            t0 = time.perf_counter()
-            results = list(pool.map(one, range(requests)))
-            wall = time.perf_counter() - t0
-    finally:
-        for c in clients:
-            c.close()
-    latencies = [t for t, status in results if status == 200]
-    errors = sum(1 for _, status in results if status != 200)
-    if not latencies:
-        raise RuntimeError(f"all {requests} benchmark requests to {url} failed")
-    return {"concurrency": float(concurrency), "requests": float(requests), "errors": float(errors),
-            "p50_ms": _percentile(latencies, 50) * 1e3, "p95_ms": _percentile(latencies, 95) * 1e3,
-            "throughput_rps": len(latencies) / wall, "wall_s": wall}
+    return run_load(detect, requests=requests, concurrency=concurrency, warmup=max(warmup, concurrency),
+                    timeout_s=60.0, what=f"benchmark requests to {url}")
 
 
 def bench_serve(args: ServeArgs, *, requests_per_level: int, out: Path) -> dict[str, Any]:

@@ -26,10 +26,8 @@ import io
 import json
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
-from serving.bench import _percentile
+from serving.loadgen import LoadStats, Send, percentile, run_load
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench-segment"
@@ -66,44 +64,10 @@ def bench_images(count: int) -> list[bytes]:
     return images
 
 
-def _load(send: Callable[[httpx.Client, int], httpx.Response], *, requests: int, concurrency: int,
-          warmup: int = 0) -> dict[str, float]:
-    """Call ``send(client, i)`` for i in ``range(requests)`` from ``concurrency`` threads (a client each).
-
-    Returns p50/p95 latency (ms), throughput (successful requests/s over the wall time) and errors.
-    The first ``warmup`` indices are sent first and not measured.
-    """
-    local = threading.local()
-    clients: list[httpx.Client] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> tuple[float, int]:
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = httpx.Client(timeout=120.0)
-            with lock:
-                clients.append(client)
-        t0 = time.perf_counter()
-        status = send(client, i).status_code
-        return time.perf_counter() - t0, status
-
-    try:
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(pool.map(one, range(warmup)))
-            t0 = time.perf_counter()
-            results = list(pool.map(one, range(warmup, warmup + requests)))
-            wall = time.perf_counter() - t0
-    finally:
-        for c in clients:
-            c.close()
-    latencies = [t for t, status in results if status == 200]
-    if not latencies:
-        raise RuntimeError(f"all {requests} segment benchmark requests failed (statuses "
-                           f"{sorted({s for _, s in results})})")
-    return {"concurrency": float(concurrency), "requests": float(requests),
-            "errors": float(sum(1 for _, s in results if s != 200)),
-            "p50_ms": _percentile(latencies, 50) * 1e3, "p95_ms": _percentile(latencies, 95) * 1e3,
-            "throughput_rps": len(latencies) / wall, "wall_s": wall}
+def _load(send: Send, *, requests: int, concurrency: int, warmup: int = 0) -> LoadStats:
+    # A generous client timeout: automatic mode on a busy 2-core machine takes seconds per request.
+    return run_load(send, requests=requests, concurrency=concurrency, warmup=warmup, timeout_s=120.0,
+                    what="segment benchmark requests")
 
 
 def raw_model_times(model_uri: str, image_png: bytes, *, threads: int, repeats: int = 20) -> dict[str, float]:
@@ -126,7 +90,7 @@ def raw_model_times(model_uri: str, image_png: bytes, *, threads: int, repeats: 
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-            return _percentile(times, 50) * 1e3
+            return percentile(times, 50) * 1e3
 
         (embedding,) = encode_images(loaded, [image])
         encoder_ms = timed(lambda: encode_images(loaded, [image]))

@@ -19,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from components.segment.model import (
 from components.segment.predict import decode, encode_images, input_res_logits
 from components.tracking.run_tracker import RunTracker
 from components.train.checkpoints import CheckpointStore
+from components.train.schedule import WarmupCosine, adamw, deterministic_algorithms
 
 
 class SegTrainConfigError(ValueError):
@@ -177,25 +177,6 @@ def sam_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tenso
                      dice=chosen_dice.detach(), iou=iou.detach())
 
 
-@contextmanager
-def _deterministic() -> Iterator[None]:
-    # The decoder's per-prompt embedding gather backpropagates through index_put with accumulation,
-    # whose multi-threaded CPU kernel is not reproducible unless deterministic algorithms are on.
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def _batches(samples: list[SegSample], config: SegTrainConfig, gen: torch.Generator
              ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Yield lists of (input_image, masks, points, boxes) per image, after flip and prompt sampling.
@@ -263,13 +244,10 @@ def train_segmenter(dataset_dir: Path, out_dir: Path, config: SegTrainConfig, *,
     if config.freeze_encoder:
         model.image_encoder.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    opt = adamw(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_samples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    schedule = WarmupCosine(base_lr=config.lr, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                            warmup_epochs=config.warmup_epochs)
     recipe = json.dumps(config.to_params(), sort_keys=True)
     store = CheckpointStore(out_dir, run_key=run_key)
     history: list[dict[str, float]] = []
@@ -291,7 +269,9 @@ def train_segmenter(dataset_dir: Path, out_dir: Path, config: SegTrainConfig, *,
 
     tracker = RunTracker(track, task="segmentation", log_model=_log_segmenter_model, run_name=run_name,
                          run_id=run_id)
-    with tracker, _deterministic():
+    # Deterministic kernels: the decoder's per-prompt embedding gather backpropagates through index_put
+    # with accumulation, whose multi-threaded CPU kernel is not reproducible otherwise.
+    with tracker, deterministic_algorithms():
         # img_size: the resolved input side (the recipe's 0 means the preset's own)
         tracker.log_recipe({**config.to_params(), "img_size": model_config.img_size}, manifest,
                            n_train=len(train_samples), n_val=len(val_samples), tags={"preset": config.preset},
@@ -307,8 +287,7 @@ def train_segmenter(dataset_dir: Path, out_dir: Path, config: SegTrainConfig, *,
                        disable=not progress, leave=False)
             for step_in_epoch, items in enumerate(_batches(train_samples, config, gen)):
                 step = epoch * steps_per_epoch + step_in_epoch
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * _lr_factor(step, total_steps, warmup_steps)
+                schedule.apply(opt, step)
                 if config.freeze_encoder:
                     with torch.no_grad():
                         embeddings = encode_images(model, [image for image, *_ in items])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from components.train.samplers import (
     build_sampler,
     validate_sampler_params,
 )
+from components.train.schedule import WarmupCosine, adamw, deterministic_algorithms
 
 __all__ = ["CHECKPOINT_FILE", "TrainConfig", "TrainConfigError", "TrainResult", "train_detector"]
 
@@ -104,23 +104,6 @@ class TrainResult:
     artifacts: list[Path] = field(default_factory=list)
 
 
-@contextmanager
-def _deterministic() -> Iterator[None]:
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 Gather = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
@@ -175,8 +158,8 @@ class _Loop:
         config = self.config
         self.model.train()
         self.sampler.set_epoch(epoch)
-        total_steps = self.steps_per_epoch * config.epochs
-        warmup_steps = int(config.warmup_epochs * self.steps_per_epoch)
+        schedule = WarmupCosine(base_lr=config.lr, steps_per_epoch=self.steps_per_epoch, epochs=config.epochs,
+                                warmup_epochs=config.warmup_epochs)
         height = width = config.img_size
         num_classes = self.detector.config.num_classes
         sums = torch.zeros(5, dtype=torch.float64)  # loss, cls, box, ctr (each x n), n
@@ -193,8 +176,7 @@ class _Loop:
             # Tiny last batches (fewer samples than workers) run whole on every rank; rank 0 reports them.
             shard = idx[self.rank::self.world] if len(idx) >= self.world else idx
             step = epoch * self.steps_per_epoch + step_in_epoch
-            for group in self.opt.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, total_steps, warmup_steps)
+            schedule.apply(self.opt, step)
             batch, targets = self._batch(shard, flips)
             with self._autocast():
                 raw = self.model(batch.to(self.device))
@@ -277,10 +259,7 @@ def build_loop(train_samples: list[Sample], manifest: Manifest, config: TrainCon
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     detector = build_detector(model_config).to(device)
-    decay = [p for n, p in detector.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in detector.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    opt = adamw(detector.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # k for recency bias: how many distinct labels loss.image_feedback can give (class sets for K <= 10)
     sampler = build_sampler(config.sampler, num_samples=len(train_samples), batch_size=config.batch_size,
                             epochs=config.epochs, num_labels=feedback_label_count(len(manifest.classes)),
@@ -323,7 +302,7 @@ def train_detector(dataset_dir: Path, out_dir: Path, config: TrainConfig, *, tra
 
     tracker = _Tracker(track, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id)
     model = loop.detector
-    with tracker, _deterministic():
+    with tracker, deterministic_algorithms():
         tracker.log_params(config, manifest, len(train_samples), len(val_samples))
         for epoch in range(start_epoch, config.epochs):
             row = loop.run_epoch(epoch, progress=progress)
