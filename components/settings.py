@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     serve_batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=1.0)
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=64 * 64)
+    detector_int8_model_uri: str = Field(
+        default="", description="Int8 model the detector serves beside its float model (precision=int8), for "
+                                "setups without a registry; empty = the registry's int8 version, if any.")
+    inspector_max_sessions: int = Field(default=4, ge=0, description="Open quantization inspector sessions "
+                                                                     "at most; 0 = no inspector.")
+    inspector_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1,
+                                     description="Memory all inspector sessions may hold together, bytes.")
+    inspector_ttl_s: float = Field(default=900.0, gt=0.0, description="Inspector session expiry after this "
+                                                                      "many seconds unused.")
 
     @field_validator("s3_endpoint")
     @classmethod

@@ -12,6 +12,12 @@ HTTP API (all errors are JSON ``{"detail": "..."}``):
   (a body value wins). Answers :class:`~serving.schemas.SegmentResponse`, a PNG label image or a
   blended PNG. Only when the application has a segmenter (``segmenter_model_uri``); else 404.
 - ``GET /healthz``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
+- ``/v1/inspect/...``: quantization inspector sessions (STEP, CROSS, weight edits, per-layer report, model
+  graph) on the :class:`~serving.inspector.InspectorDeployment`; see the routes below. Only when
+  ``inspector_max_sessions`` > 0; else 404.
+
+``POST /v1/detect`` also takes ``precision=float|int8`` (query, form field or JSON field): int8 runs the
+model's deployable int8 version when there is one (``GET /v1/models`` lists ``precisions``), else 404.
 
 ``build_app(ServeArgs)`` builds the application; ``app_builder(dict)`` is the import path for
 ``serve run`` / a RayService ``serveConfigV2``; ``serve_config(ServeArgs)`` writes that config.
@@ -24,10 +30,10 @@ import base64
 import binascii
 import reprlib
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -40,6 +46,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from components.quantize.errors import (
+    CalibrationError,
+    EditError,
+    LayerIndexError,
+    QuantizeError,
+    SessionError,
+    SessionLimitError,
+    SessionStateError,
+    UnsupportedLayerError,
+)
+from components.quantize.inspector import ModelReport
+from components.quantize.visualize import ModelGraph
 from components.settings import Settings, get_settings
 from serving import metrics
 from serving.detector import (
@@ -47,24 +65,37 @@ from serving.detector import (
     DetectorUserConfig,
     DetectResult,
     DetectTask,
+    PrecisionUnavailableError,
     UnknownModelError,
 )
 from serving.embedding_cache import image_sha256
 from serving.images import BadImageError, ImageLimits, ImageTooLargeError, check_byte_size, decode_image
+from serving.inspector import CreateTask, InspectorDeployment
 from serving.schemas import (
+    CrossRequest,
     DetectJSONRequest,
     DetectParams,
+    DetectPrecision,
     DetectResponse,
+    EditResponse,
     ErrorMessage,
     Health,
+    InspectorInfo,
+    LayerResponse,
     ModelInfo,
     ModelList,
     OutputFormat,
+    RunToRequest,
     SegmenterInfo,
     SegmentJSONRequest,
     SegmentOutput,
     SegmentParams,
     SegmentResponse,
+    SessionCreateJSONRequest,
+    SessionCreateParams,
+    SessionInfo,
+    SessionStatus,
+    WeightEditRequest,
 )
 from serving.segmenter import (
     DEFAULT_CACHE_BYTES,
@@ -111,11 +142,32 @@ class ServeArgs(BaseModel):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     ingress_num_cpus: float = Field(default=0.1, ge=0.0, description="CPUs of the HTTP ingress replica.")
     max_ongoing_requests: int = Field(default=64, ge=1, description="Concurrent requests per replica.")
+    int8_model_uri: str = Field(
+        default="", description="Int8 model directory/URI the detector serves for precision=int8; '' = the "
+                                "registry's newest version tagged precision=int8 and float_version=<the "
+                                "served version>, if any.")
+    inspector_max_sessions: int = Field(default=4, ge=0, le=1024, description="Open quantization inspector "
+                                                                              "sessions at most; 0 = no inspector.")
+    inspector_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1,
+                                     description="Memory all inspector sessions may hold together, bytes.")
+    inspector_ttl_s: float = Field(default=900.0, gt=0.0, description="Inspector sessions expire after this "
+                                                                      "many seconds unused.")
+    inspector_num_cpus: float = Field(default=0.1, ge=0.0, description="CPUs of the inspector replica (one "
+                                                                       "replica: sessions live in it).")
+    inspector_max_edit_bytes: int = Field(default=32 * 1024 * 1024, ge=1024,
+                                          description="Largest JSON body of a weight edit, bytes.")
 
     @model_validator(mode="after")
     def _serves_something(self) -> "ServeArgs":
         if not self.model_uri and not self.segmenter_model_uri:
             raise ValueError("nothing to serve: set model_uri (detector) and/or segmenter_model_uri")
+        return self
+
+    @model_validator(mode="after")
+    def _int8_needs_its_float_model(self) -> "ServeArgs":
+        if self.int8_model_uri and not self.model_uri:
+            raise ValueError(f"int8_model_uri={self.int8_model_uri!r} needs model_uri: the int8 model is served "
+                             "beside its float detector")
         return self
 
     @classmethod
@@ -128,6 +180,8 @@ class ServeArgs(BaseModel):
             "num_cpus": s.serve_num_cpus, "num_gpus": s.serve_num_gpus, "replicas": s.serve_replicas,
             "max_batch_size": s.serve_max_batch_size, "batch_wait_timeout_s": s.serve_batch_wait_timeout_s,
             "max_image_bytes": s.max_image_bytes, "max_image_pixels": s.max_image_pixels,
+            "int8_model_uri": s.detector_int8_model_uri, "inspector_max_sessions": s.inspector_max_sessions,
+            "inspector_max_bytes": s.inspector_max_bytes, "inspector_ttl_s": s.inspector_ttl_s,
         }
         values.update(overrides)
         return cls.model_validate(values)
@@ -140,7 +194,8 @@ class ServeArgs(BaseModel):
         return DetectorUserConfig(model_uri=self.model_uri, score_threshold=self.score_threshold,
                                   iou_threshold=self.iou_threshold, max_detections=self.max_detections,
                                   max_batch_size=self.max_batch_size,
-                                  batch_wait_timeout_s=self.batch_wait_timeout_s)
+                                  batch_wait_timeout_s=self.batch_wait_timeout_s,
+                                  int8_model_uri=self.int8_model_uri or None)
 
     def segmenter_user_config(self) -> SegmenterUserConfig:
         # The prompt decoder keeps its own short batch wait (SegmenterUserConfig); the encoder, whose
@@ -225,6 +280,25 @@ async def _bad_prompt(_: Request, exc: PromptError) -> JSONResponse:
     return _error(PromptError.status_code, str(_cause(exc)))
 
 
+@app.exception_handler(PrecisionUnavailableError)
+async def _precision_unavailable(_: Request, exc: PrecisionUnavailableError) -> JSONResponse:
+    return _error(PrecisionUnavailableError.status_code, str(_cause(exc)))
+
+
+# Most specific first: SessionError is also a KeyError, LayerIndexError an IndexError.
+QUANTIZE_STATUS: tuple[tuple[type[QuantizeError], int], ...] = (
+    (SessionLimitError, 429), (SessionStateError, 409), (SessionError, 404), (LayerIndexError, 404),
+    (EditError, 422), (CalibrationError, 422), (UnsupportedLayerError, 422), (QuantizeError, 422),
+)
+
+
+@app.exception_handler(QuantizeError)
+async def _quantize_error(_: Request, exc: QuantizeError) -> JSONResponse:
+    cause = _cause(exc)
+    status = next((code for kind, code in QUANTIZE_STATUS if isinstance(cause, kind)), 422)
+    return _error(status, str(cause))
+
+
 @app.exception_handler(NotServedError)
 async def _not_served(_: Request, exc: NotServedError) -> JSONResponse:
     return _error(NotServedError.status_code, str(exc))
@@ -286,7 +360,8 @@ _DETECT_BODY = {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "required": ["image"],
-                           "properties": {"image": {"type": "string", "format": "binary"}}},
+                           "properties": {"image": {"type": "string", "format": "binary"},
+                                          "precision": {"type": "string", "enum": ["float", "int8"]}}},
             },
             "application/json": {"schema": DetectJSONRequest.model_json_schema()},
         },
@@ -313,6 +388,20 @@ def _validation_error(exc: ValidationError, loc: tuple[str, ...]) -> RequestVali
     return RequestValidationError([{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False)])
 
 
+def _form_params(form: Any) -> DetectParams | None:
+    """The DetectParams fields sent as multipart text fields (e.g. ``precision``), None when there are none."""
+    fields = {k: v for k, v in form.items() if k in DetectParams.model_fields}
+    if not fields:
+        return None
+    files = sorted(k for k, v in fields.items() if not isinstance(v, str))
+    if files:
+        raise RequestFormatError(f"multipart field(s) {files} must be text values, not files")
+    try:
+        return DetectParams.model_validate(fields)
+    except ValidationError as exc:
+        raise _validation_error(exc, ("form",)) from exc
+
+
 # Defined before the ingress class: serve.ingress captures the module globals it sees then.
 def _decode_and_hash(data: bytes, limits: ImageLimits) -> tuple[torch.Tensor, str]:
     """Untrusted image bytes -> (``3xHxW`` uint8 tensor, sha256 of its pixels = its image_id)."""
@@ -336,15 +425,60 @@ _SEGMENT_BODY = {
 }
 
 
+INSPECT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorMessage, "description": "Unknown, closed or expired session; layer index out of range; "
+                                                "no inspector."},
+    409: {"model": ErrorMessage, "description": "The session's state does not allow it yet (layer not run, "
+                                                "every layer run already)."},
+    422: {"model": ErrorMessage, "description": "Bad parameter (precision, index type, body shape)."},
+    503: {"model": ErrorMessage, "description": "The inspector deployment is not available."},
+}
+INSPECT_CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    404: {"model": ErrorMessage, "description": "Unknown model reference, or no inspector."},
+    422: {"model": ErrorMessage, "description": "Unknown calibrator or precision, bad percentile, a model the "
+                                                "engine cannot run."},
+    429: {"model": ErrorMessage, "description": "Too many open sessions, or the sessions' memory budget is used."},
+    503: INSPECT_RESPONSES[503],
+}
+INSPECT_EDIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **INSPECT_RESPONSES,
+    413: {"model": ErrorMessage, "description": "Body over inspector_max_edit_bytes."},
+    415: {"model": ErrorMessage, "description": "Body is not JSON."},
+    422: {"model": ErrorMessage, "description": "Values of the wrong shape or dtype, not numbers, or not finite; "
+                                                "channel out of range; a layer without weights."},
+}
+_INSPECT_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"],
+                           "properties": {"image": {"type": "string", "format": "binary"},
+                                          **SessionCreateParams.model_json_schema()["properties"]}},
+            },
+            "application/json": {"schema": SessionCreateJSONRequest.model_json_schema()},
+        },
+    }
+}
+_INSPECT_EDIT_BODY = {
+    "requestBody": {"required": True,
+                    "content": {"application/json": {"schema": WeightEditRequest.model_json_schema()}}},
+}
+
+
 @serve.ingress(app)
 class Ingress:
     """HTTP front door: validates and decodes input, calls the models, maps errors, counts metrics."""
 
     def __init__(self, detector: DeploymentHandle | None, *, limits: ImageLimits,
-                 segmenter: DeploymentHandle | None = None) -> None:
+                 segmenter: DeploymentHandle | None = None, inspector: DeploymentHandle | None = None,
+                 max_edit_bytes: int = 32 * 1024 * 1024) -> None:
         self._detector = detector
         self._segmenter = segmenter
         self._limits = limits
+        self._inspector = inspector
+        self._max_edit_bytes = max_edit_bytes
 
     def _content_type(self, request: Request) -> str:
         """The media type, after refusing (413) a declared body length over the image limit."""
@@ -385,7 +519,7 @@ class Ingress:
                     raise RequestFormatError("multipart field 'image' must be a file, not a text value")
                 if upload.size is not None:
                     check_byte_size(upload.size, self._limits)
-                return await upload.read(), None
+                return await upload.read(), _form_params(form)
         if ctype == "application/json":
             body = await _read_body(request, b64_limit)
             try:
@@ -402,7 +536,9 @@ class Ingress:
     @app.post("/v1/detect", response_model=DetectResponse, openapi_extra=_DETECT_BODY,
               responses={200: {"content": {"image/png": {}},
                                "description": "Detections as JSON, or the annotated PNG (format=image)."},
-                         **ERROR_RESPONSES})
+                         **ERROR_RESPONSES,
+                         404: {"model": ErrorMessage, "description": "The requested model is not loaded, or "
+                                                                     "precision=int8 and it has no int8 version."}})
     async def detect(
         self,
         request: Request,
@@ -412,6 +548,9 @@ class Ingress:
         max_detections: Annotated[int | None, Query(ge=1, le=1000)] = None,
         model: Annotated[str | None, Query(min_length=1, max_length=256,
                                            description="Loaded model to use; unknown -> 404.")] = None,
+        precision: Annotated[DetectPrecision | None, Query(
+            description="float (default) or int8 (the model's int8 version; none -> 404). Also a form or "
+                        "JSON field.")] = None,
     ) -> Response:
         """Detect objects in one image."""
         if self._detector is None:
@@ -421,7 +560,7 @@ class Ingress:
         data, body_params = await self._image_bytes(request)
         image = await asyncio.to_thread(decode_image, data, self._limits)  # (3, H, W) uint8
         query = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
-                 "max_detections": max_detections, "model": model}
+                 "max_detections": max_detections, "model": model, "precision": precision}
         if body_params is not None:
             query.update(body_params.model_dump(exclude_unset=True))
         params = DetectParams.model_validate(query)
@@ -431,10 +570,12 @@ class Ingress:
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
             raise DetectorUnavailableError(f"detector deployment unavailable: {type(exc).__name__}") from exc
         resp = result.response
-        metrics.observe_detect(resp.model, resp.version, time.perf_counter() - start, len(resp.detections))
+        metrics.observe_detect(resp.model, resp.version, time.perf_counter() - start, len(resp.detections),
+                               resp.precision)
         if result.png is not None:
             return Response(content=result.png, media_type="image/png",
-                            headers={"X-Model": resp.model, "X-Detections": str(len(resp.detections))})
+                            headers={"X-Model": resp.model, "X-Detections": str(len(resp.detections)),
+                                     "X-Precision": resp.precision})
         return JSONResponse(resp.model_dump(mode="json"))
 
     async def _segment_input(self, request: Request) -> tuple[bytes | None, SegmentParams]:
@@ -544,11 +685,192 @@ class Ingress:
                 raise DetectorUnavailableError(f"{what} deployment unavailable: {type(exc).__name__}") from exc
         return ModelList(models=models)
 
+    # ---- /v1/inspect: quantization inspector sessions (serving.inspector.InspectorDeployment) --------
+
+    async def _inspect(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` of the inspector deployment; 404 without an inspector, 503 when it is down."""
+        if self._inspector is None:
+            raise NotServedError("this service has no quantization inspector (ServeArgs.inspector_max_sessions / "
+                                 "MODELCOMMONS_INSPECTOR_MAX_SESSIONS is 0)")
+        try:
+            return await getattr(self._inspector, method).remote(*args, **kwargs)
+        except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
+            raise DetectorUnavailableError(f"inspector deployment unavailable: {type(exc).__name__}") from exc
+
+    async def _session_input(self, request: Request) -> tuple[bytes, SessionCreateParams]:
+        """Image bytes and options of a new inspector session (multipart or JSON)."""
+        ctype = self._content_type(request)
+        if ctype == "multipart/form-data":
+            async with request.form(max_files=1, max_fields=16) as form:
+                allowed = {"image", *SessionCreateParams.model_fields}
+                unknown = sorted(set(form.keys()) - allowed)
+                if unknown:
+                    raise RequestFormatError(f"unknown multipart field(s) {unknown}; allowed: {sorted(allowed)}")
+                upload = form.get("image")
+                if upload is None:
+                    raise RequestFormatError("multipart field 'image' is missing; send the image file as form "
+                                             "field 'image'")
+                if not isinstance(upload, UploadFile):
+                    raise RequestFormatError("multipart field 'image' must be a file, not a text value")
+                fields = {k: v for k, v in form.items() if k != "image"}
+                files = sorted(k for k, v in fields.items() if not isinstance(v, str))
+                if files:
+                    raise RequestFormatError(f"multipart field(s) {files} must be text values, not files")
+                try:
+                    params = SessionCreateParams.model_validate(fields)
+                except ValidationError as exc:
+                    raise _validation_error(exc, ("form",)) from exc
+                if upload.size is not None:
+                    check_byte_size(upload.size, self._limits)
+                return await upload.read(), params
+        if ctype == "application/json":
+            body = await _read_body(request, self._b64_limit)
+            try:
+                req = SessionCreateJSONRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise _validation_error(exc, ("body",)) from exc
+            data = self._b64_image(req.image_b64)
+            return data, SessionCreateParams.model_validate(req.model_dump(exclude={"image_b64"}, exclude_unset=True))
+        raise RequestFormatError(
+            f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data with a file field 'image' "
+            "(and text fields model, precision, calibrator, percentile), or application/json with 'image_b64'",
+            status_code=415)
+
+    @app.get("/v1/inspect", response_model=InspectorInfo, responses={404: ERROR_RESPONSES[404]})
+    async def inspect_info(self) -> Response:
+        """Inspector limits (sessions, memory, expiry) and use; calibrators and precisions it accepts."""
+        info: InspectorInfo = await self._inspect("describe")
+        return JSONResponse(info.model_dump(mode="json"))
+
+    @app.post("/v1/inspect/sessions", status_code=201, response_model=SessionInfo,
+              openapi_extra=_INSPECT_CREATE_BODY, responses=INSPECT_CREATE_RESPONSES)
+    async def inspect_create(self, request: Request) -> Response:
+        """Open a session: one image through one model, layer by layer (nothing has run yet: position 0)."""
+        data, params = await self._session_input(request)
+        image = await asyncio.to_thread(decode_image, data, self._limits)  # (3, H, W) uint8
+        info: SessionInfo = await self._inspect("create", CreateTask(image=image, params=params))
+        return JSONResponse(info.model_dump(mode="json"), status_code=201)
+
+    @app.get("/v1/inspect/sessions/{session_id}", response_model=SessionInfo, responses=INSPECT_RESPONSES)
+    async def inspect_session(self, session_id: Annotated[str, Path(max_length=64)]) -> Response:
+        """The session's model, calibration, layer list, position and expiry."""
+        info: SessionInfo = await self._inspect("info", session_id)
+        return JSONResponse(info.model_dump(mode="json"))
+
+    @app.delete("/v1/inspect/sessions/{session_id}", status_code=204, response_class=Response,
+                responses=INSPECT_RESPONSES)
+    async def inspect_close(self, session_id: Annotated[str, Path(max_length=64)]) -> Response:
+        """Close the session and free its memory."""
+        await self._inspect("close", session_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/inspect/sessions/{session_id}/step", response_model=LayerResponse, responses=INSPECT_RESPONSES)
+    async def inspect_step(self, session_id: Annotated[str, Path(max_length=64)]) -> Response:
+        """STEP: run the next layer (index = position) and report it; 409 after the last layer."""
+        result: LayerResponse = await self._inspect("step", session_id)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.post("/v1/inspect/sessions/{session_id}/run_to", response_model=LayerResponse,
+              responses=INSPECT_RESPONSES)
+    async def inspect_run_to(self, session_id: Annotated[str, Path(max_length=64)], body: RunToRequest) -> Response:
+        """Run every layer up to and including ``index`` and report that layer."""
+        result: LayerResponse = await self._inspect("run_to", session_id, body.index)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.get("/v1/inspect/sessions/{session_id}/layers/{index}", response_model=LayerResponse,
+             responses=INSPECT_RESPONSES)
+    async def inspect_layer(
+        self, session_id: Annotated[str, Path(max_length=64)], index: int,
+        local: Annotated[bool, Query(description="Also run the layer alone on float inputs (local_error).")] = True,
+    ) -> Response:
+        """Report of layer ``index`` (it must have run: 409 otherwise): type, shapes, parameters, scales,
+        input/output/weight statistics with histograms and saturation, float-vs-quantized error."""
+        result: LayerResponse = await self._inspect("layer", session_id, index, local=local)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.get("/v1/inspect/sessions/{session_id}/layers/{index}/image", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "Channel grid as PNG."},
+                        **INSPECT_RESPONSES})
+    async def inspect_layer_image(
+        self, session_id: Annotated[str, Path(max_length=64)], index: int,
+        which: Annotated[Literal["input", "output", "weight", "error"], Query(
+            description="first input, output, weights, or output minus the float run")] = "output",
+    ) -> Response:
+        """Picture of a layer's tensor: up to 16 channels as a grid of heat maps."""
+        png: bytes = await self._inspect("layer_image", session_id, index, which)
+        return Response(content=png, media_type="image/png")
+
+    @app.post("/v1/inspect/sessions/{session_id}/layers/{index}/weights", response_model=EditResponse,
+              openapi_extra=_INSPECT_EDIT_BODY, responses=INSPECT_EDIT_RESPONSES)
+    async def inspect_edit(self, session_id: Annotated[str, Path(max_length=64)], index: int,
+                           request: Request) -> Response:
+        """Edit layer ``index``'s weights (all values, or one output channel scaled), re-run it, show the change.
+        Layers after it must run again (``session.position`` = index + 1)."""
+        edit = await self._edit_body(request)
+        result: EditResponse = await self._inspect("edit", session_id, index, edit)
+        return JSONResponse(result.model_dump(mode="json"))
+
+    async def _edit_body(self, request: Request) -> WeightEditRequest:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestFormatError(f"unsupported content type {ctype or '(none)'!r}: send the edit as "
+                                     "application/json", status_code=415)
+        limit = self._max_edit_bytes
+        too_big = (f"weight edit body is over {limit} bytes (ServeArgs.inspector_max_edit_bytes); edit fewer "
+                   "values or scale a channel")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestFormatError(too_big, status_code=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestFormatError(too_big, status_code=413)
+            chunks.append(chunk)
+        try:
+            return WeightEditRequest.model_validate_json(b"".join(chunks))
+        except ValidationError as exc:
+            raise _validation_error(exc, ("body",)) from exc
+
+    @app.post("/v1/inspect/sessions/{session_id}/cross", response_model=SessionStatus, responses=INSPECT_RESPONSES)
+    async def inspect_cross(self, session_id: Annotated[str, Path(max_length=64)], body: CrossRequest) -> Response:
+        """CROSS: layers ``index``.. run in ``to`` from now on; they (re-)run on the next step/run_to."""
+        status: SessionStatus = await self._inspect("cross", session_id, body.index, body.to)
+        return JSONResponse(status.model_dump(mode="json"))
+
+    @app.get("/v1/inspect/sessions/{session_id}/report", response_model=ModelReport,
+             responses={200: {"content": {"image/png": {}}, "description": "Report as JSON, or its chart (png)."},
+                        **INSPECT_RESPONSES})
+    async def inspect_report(
+        self, session_id: Annotated[str, Path(max_length=64)],
+        format: Annotated[Literal["json", "png"], Query(description="json: ModelReport; png: SQNR chart")] = "json",
+    ) -> Response:
+        """Run the remaining layers; per-layer float-vs-quantized error of the whole model."""
+        result: ModelReport | bytes = await self._inspect("report", session_id, png=format == "png")
+        if isinstance(result, bytes):
+            return Response(content=result, media_type="image/png")
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.get("/v1/inspect/sessions/{session_id}/graph", response_model=ModelGraph,
+             responses={200: {"content": {"image/png": {}}, "description": "Graph as JSON, or its picture (png)."},
+                        **INSPECT_RESPONSES})
+    async def inspect_graph(
+        self, session_id: Annotated[str, Path(max_length=64)],
+        format: Annotated[Literal["json", "png"], Query(description="json: ModelGraph; png: picture")] = "json",
+    ) -> Response:
+        """Model graph: nodes (op, shapes, parameter count, this session's precision, scales) and edges."""
+        result: ModelGraph | bytes = await self._inspect("graph", session_id, png=format == "png")
+        if isinstance(result, bytes):
+            return Response(content=result, media_type="image/png")
+        return JSONResponse(result.model_dump(mode="json"))
+
 
 def build_app(args: ServeArgs) -> Application:
-    """The application graph: ``Ingress(DetectorDeployment(...), segmenter=SegmenterDeployment(...))``.
+    """The application graph: ``Ingress(DetectorDeployment(...), segmenter=SegmenterDeployment(...),
+    inspector=InspectorDeployment(...))``.
 
-    Either model may be absent (an empty URI); resources come from ``args``.
+    Either model may be absent (an empty URI), the inspector too (``inspector_max_sessions=0``);
+    resources come from ``args``.
     """
     detector_app = None
     if args.model_uri:
@@ -559,7 +881,9 @@ def build_app(args: ServeArgs) -> Application:
             # A replica must accept at least a full batch at once, or batches never fill.
             max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         )
-        detector_app = detector.bind(model_uri=args.model_uri)
+        # int8_model_uri only when set: the deployment finds a registry int8 version by itself.
+        int8 = {"int8_model_uri": args.int8_model_uri} if args.int8_model_uri else {}
+        detector_app = detector.bind(model_uri=args.model_uri, **int8)
     segmenter_app = None
     if args.segmenter_model_uri:
         # One replica: the embedding cache lives in the replica, so more replicas would miss image_ids.
@@ -570,11 +894,23 @@ def build_app(args: ServeArgs) -> Application:
             max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         )
         segmenter_app = segmenter.bind(model_uri=args.segmenter_model_uri, cache_bytes=args.embedding_cache_bytes)
+    inspector_app = None
+    if args.inspector_max_sessions > 0:
+        # One replica: sessions are state held in it.
+        inspector = serve.deployment(name="inspector")(InspectorDeployment).options(
+            num_replicas=1, ray_actor_options={"num_cpus": args.inspector_num_cpus},
+            max_ongoing_requests=args.max_ongoing_requests,
+        )
+        inspector_app = inspector.bind(
+            served_model_uri=args.model_uri or None, int8_model_uri=args.int8_model_uri or None,
+            max_sessions=args.inspector_max_sessions, max_bytes=args.inspector_max_bytes,
+            ttl_s=args.inspector_ttl_s)
     ingress = serve.deployment(name="ingress")(Ingress).options(
         ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,
     )
-    return ingress.bind(detector_app, limits=args.limits, segmenter=segmenter_app)
+    return ingress.bind(detector_app, limits=args.limits, segmenter=segmenter_app, inspector=inspector_app,
+                        max_edit_bytes=args.inspector_max_edit_bytes)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -6,14 +6,19 @@ applied), with the origin at the top-left corner.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from components.quantize.inspector import EditResult, LayerReport, SessionState
 
 # Hard ceiling on the base64 text of a JSON request; the configured byte limit is checked on top.
 MAX_IMAGE_B64_CHARS = 64 * 1024 * 1024
 
 OutputFormat = Literal["json", "image"]
+# Precisions of POST /v1/detect: the float model, or its deployable int8 version (real int8 CPU kernels).
+DetectPrecision = Literal["float", "int8"]
 
 
 class ErrorMessage(BaseModel):
@@ -36,6 +41,9 @@ class DetectParams(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=256,
                               description="Name (or name@alias, name/version, URI) of the loaded model "
                                           "to use; an unknown name answers 404.")
+    precision: DetectPrecision | None = Field(
+        default=None, description="float (the default) or int8: the model's int8 version, when it has one "
+                                  "(GET /v1/models lists 'precisions'); int8 without one answers 404.")
 
 
 class DetectJSONRequest(DetectParams):
@@ -66,6 +74,23 @@ class DetectResponse(BaseModel):
     width: int = Field(ge=1, description="Width of the uploaded image in pixels.")
     height: int = Field(ge=1, description="Height of the uploaded image in pixels.")
     detections: list[Detection]
+    calibrator: str | None = Field(default=None, description="precision int8: the calibration method of the "
+                                                             "int8 version that ran; None for float.")
+
+
+class Int8Info(BaseModel):
+    """The deployable int8 version a detector replica serves beside its float model."""
+
+    name: str | None = Field(description="Registered model name (None for a plain directory).")
+    version: str | None = Field(description="Registry version of the int8 model (None outside the registry).")
+    float_version: str | None = Field(description="The float version it was quantized from (its "
+                                                  "'float_version' tag).")
+    uri: str
+    calibrator: str = Field(description="Activation calibration method: minmax, percentile, kl or log2.")
+    backend: str = Field(description="PyTorch quantized backend the int8 kernels run on, e.g. x86.")
+    source: Literal["registry", "int8_model_uri"] = Field(
+        description="registry: the newest version tagged precision=int8 and float_version=<the float "
+                    "version>; int8_model_uri: set explicitly in the serving configuration.")
 
 
 class ModelInfo(BaseModel):
@@ -85,6 +110,11 @@ class ModelInfo(BaseModel):
     max_detections: int
     max_batch_size: int
     batch_wait_timeout_s: float
+    precisions: list[str] = Field(default_factory=lambda: ["float"],
+                                  description="Values POST /v1/detect accepts for 'precision'.")
+    int8: Int8Info | None = Field(default=None, description="The int8 version served beside the float model.")
+    int8_error: str | None = Field(default=None, description="Why an int8 version found in the registry "
+                                                             "could not be loaded (float still serves).")
 
 
 class CacheInfo(BaseModel):
@@ -245,3 +275,161 @@ class SegmentResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     models: list[str] = Field(description="Names of the loaded models.")
+
+
+# ---- /v1/inspect: the quantization inspector (STEP / CROSS / edit sessions) -----------------------
+
+InspectPrecision = Literal["float", "hybrid", "int8"]
+EditDtype = Literal["float32", "float64"]
+MAX_MODEL_REF_CHARS = 256
+
+
+class SessionCreateParams(BaseModel):
+    """Options of ``POST /v1/inspect/sessions`` (multipart text fields, or the JSON body)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = Field(
+        default=None, min_length=1, max_length=MAX_MODEL_REF_CHARS,
+        description="Registered model as name@alias or name/version (models:/ prefix optional), or the name "
+                    "of the served detector; default: the served detector.")
+    precision: InspectPrecision = Field(default="int8", description="Precision every layer starts in; "
+                                                                    "CROSS changes it from a layer onward.")
+    calibrator: str | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="minmax, percentile, kl or log2: calibrate on the uploaded image (and four augmented "
+                    "copies) with it. Default: the ranges of the model's int8 version when it has one, else "
+                    "the service's default calibrator on the image.")
+    percentile: float | None = Field(default=None, ge=50.0, le=100.0,
+                                     description="Calibrator 'percentile' only (default 99.99).")
+
+
+class SessionCreateJSONRequest(SessionCreateParams):
+    """JSON variant of ``POST /v1/inspect/sessions``: the image travels base64-encoded."""
+
+    image_b64: str = Field(min_length=1, max_length=MAX_IMAGE_B64_CHARS,
+                           description="The encoded image file (PNG, JPEG, ...) in standard base64.")
+
+
+class CalibrationInfo(BaseModel):
+    """Where a session's int8 scales come from."""
+
+    source: Literal["int8_version", "image"] = Field(
+        description="int8_version: the activation ranges of the model's int8 version (its quantization.json); "
+                    "image: calibrated on the uploaded image and its augmented copies.")
+    method: str = Field(description="minmax, percentile, kl or log2.")
+    percentile: float | None = None
+    images: int = Field(ge=1, description="Calibration images the ranges were computed from.")
+    weight_granularity: str = Field(description="per_channel or per_tensor weight scales.")
+    int8_version: str | None = Field(default=None, description="Registry version of that int8 model.")
+    note: str = Field(description="The same, in one sentence for a person.")
+
+
+class InspectModel(BaseModel):
+    """The model a session inspects."""
+
+    name: str
+    version: str | None
+    alias: str | None
+    uri: str
+    input_size: int = Field(ge=1, description="Side of the square letterboxed input the session runs on.")
+    class_names: list[str]
+
+
+class LayerSummary(BaseModel):
+    """One layer of the traced (BatchNorm-folded) model, in execution order."""
+
+    index: int
+    name: str = Field(description="Layer name; also the name of the tensor it produces.")
+    op: str = Field(description="Module class or function, e.g. Conv2d, LeakyReLU, add, cat.")
+    kind: str
+    target: str = Field(description="Module path or function name.")
+    inputs: list[str] = Field(description="Names of the tensors it reads.")
+    output_shape: list[int]
+    param_count: int = Field(ge=0)
+
+
+class SessionStatus(SessionState):
+    """A session's position and per-layer precisions, and when it expires if left unused."""
+
+    expires_at: datetime = Field(description="UTC time the session expires unless used again before.")
+    ttl_s: float = Field(description="Seconds of no use after which a session expires.")
+
+
+class SessionInfo(SessionStatus):
+    """Answer of ``POST /v1/inspect/sessions`` and ``GET /v1/inspect/sessions/{id}``."""
+
+    model: InspectModel
+    precision: InspectPrecision = Field(description="The precision the session was created with.")
+    calibration: CalibrationInfo
+    image_width: int = Field(ge=1, description="Width of the uploaded image, pixels.")
+    image_height: int = Field(ge=1, description="Height of the uploaded image, pixels.")
+    layers: list[LayerSummary]
+
+
+class LayerResponse(BaseModel):
+    """A layer's report (after STEP, run_to, or inspecting a layer that has run) and the session's status."""
+
+    session: SessionStatus
+    layer: LayerReport
+
+
+class RunToRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(description="Run every layer up to and including this one (0-based).")
+
+
+class CrossRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(description="First layer that runs in the new precision.")
+    to: InspectPrecision = Field(description="Precision of layers index.. from now on.")
+
+
+class ScaleChannel(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    channel: int = Field(ge=0, description="Output channel (row of the weight) to scale.")
+    factor: float = Field(description="Multiply that channel's weights by this.")
+
+
+class WeightEditRequest(BaseModel):
+    """Body of ``POST /v1/inspect/sessions/{id}/layers/{k}/weights``: exactly one of values, scale_channel."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    values: list[Any] | None = Field(
+        default=None, min_length=1,
+        description="New weights as nested lists in the layer's weight shape (Conv2d: out x in/groups x kh x "
+                    "kw; Linear: out x in), numbers only.")
+    dtype: EditDtype = Field(default="float32", description="Element type of 'values' (float only).")
+    scale_channel: ScaleChannel | None = None
+
+    @model_validator(mode="after")
+    def _one_edit(self) -> WeightEditRequest:
+        if (self.values is None) == (self.scale_channel is None):
+            raise ValueError("give exactly one of 'values' (nested lists of the weight's shape) or "
+                             "'scale_channel' ({'channel': c, 'factor': f})")
+        return self
+
+
+class EditResponse(BaseModel):
+    """The edited layer re-run: its new report and how its output changed. Later layers must re-run."""
+
+    session: SessionStatus
+    edit: EditResult
+
+
+class InspectorInfo(BaseModel):
+    """``GET /v1/inspect``: limits and current use of the inspector."""
+
+    sessions: int = Field(ge=0, description="Open sessions now.")
+    max_sessions: int = Field(ge=1)
+    bytes_reserved: int = Field(ge=0, description="Memory held by open sessions, bytes.")
+    max_bytes: int = Field(ge=1)
+    ttl_s: float
+    calibrators: list[str]
+    default_calibrator: str
+    precisions: list[str]
+    served_model: str | None = Field(description="Model used when a session names none.")

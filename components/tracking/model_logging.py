@@ -22,9 +22,11 @@ def detector_signature() -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_detector_model(model_dir: Path) -> str:
+def log_detector_model(model_dir: Path, *, python_model: Path = PYFUNC_CODE) -> str:
     """Log ``model_dir`` (config.json + model.safetensors) in the active run; return the model URI.
 
+    ``python_model`` is the models-from-code file that loads the ``detector`` artifact (the float
+    detector by default; ``components/quantize/pyfunc_int8.py`` for an int8 model directory).
     No input example: MLflow would re-run the model to validate it, which costs ~20 s per run here.
     """
     from importlib.metadata import PackageNotFoundError, version
@@ -35,7 +37,7 @@ def log_detector_model(model_dir: Path) -> str:
         requirement = "modelcommons"
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_NAME,
-        python_model=str(PYFUNC_CODE),
+        python_model=str(python_model),
         artifacts={"detector": str(model_dir)},
         signature=detector_signature(),
         pip_requirements=[requirement, f"torch=={torch.__version__.split('+')[0]}", "safetensors"],

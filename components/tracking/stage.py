@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from components.data.format import read_manifest
+from components.data.format import Manifest, read_manifest
 from components.tracking.registry import Registration, register_model
 from components.tracking.setup import configure_mlflow, git_commit
+
+
+def dataset_recipe(manifest: Manifest) -> dict[str, Any]:
+    """The dataset part of a version's ``recipe`` tag: identity, source, classes and intake parameters."""
+    return {"name": manifest.name, "source": manifest.source, "sha256": manifest.sha256,
+            "classes": manifest.classes, "augmentations": manifest.augmentations,
+            "intake": manifest.params, "counts": manifest.counts.model_dump()}
 
 
 def run_registration(*, model_uri: str, run_id: str, dataset_dir: Path, metrics: dict[str, float],
@@ -21,12 +29,7 @@ def run_registration(*, model_uri: str, run_id: str, dataset_dir: Path, metrics:
     configure_mlflow()
     manifest = read_manifest(Path(dataset_dir))
     run = MlflowClient().get_run(run_id)
-    recipe = {
-        "train": dict(run.data.params),
-        "dataset": {"name": manifest.name, "source": manifest.source, "sha256": manifest.sha256,
-                    "classes": manifest.classes, "augmentations": manifest.augmentations,
-                    "intake": manifest.params, "counts": manifest.counts.model_dump()},
-    }
+    recipe = {"train": dict(run.data.params), "dataset": dataset_recipe(manifest)}
     tags = {"dataset_sha256": manifest.sha256, "git_commit": run.data.tags.get("git_commit", git_commit()),
             "recipe": recipe, "task": task, "precision": precision,
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if k != metric}}

@@ -1,0 +1,290 @@
+"""Quantize stage: calibrate a trained detector, compare float / hybrid / int8 mAP, write and register int8.
+
+Steps of :func:`run_quantize`:
+
+1. calibrate (``minmax``, ``percentile``, ``kl`` or ``log2``) on images drawn from the dataset artifact's
+   ``train`` split;
+2. COCO mAP on the ``val`` split for our engine in ``float``, ``hybrid`` and ``int8``, and for the
+   deployable int8 model (:mod:`components.quantize.deploy`, PyTorch x86 quantized kernels);
+3. the per-layer report (inspector, first validation image) and the model graph, as JSON and PNG;
+4. the deployable int8 model directory;
+5. with tracking: an MLflow run (child of the float training run when known) with params, metrics,
+   artifacts and the int8 model as a pickle-free pyfunc; with ``register``: a new version of the same
+   registered model, tagged ``precision=int8``, ``calibrator``, ``float_version``, ``backend`` (no alias:
+   int8 versions stay out of the float champion contest, see :mod:`components.tracking.registry`).
+
+Output directory::
+
+    out_dir/
+      int8_model/            config.json, model.safetensors, quantization.json (unless int8_dir is given)
+      calibration.json       the calibrated ranges
+      metrics.json           {float,hybrid,int8,deploy}_{map,map50,map75}, map50_drop, report_output_sqnr_db
+      report.json report.png per-layer float-vs-int8 error (ModelReport) and its chart
+      graph.json graph.png   model graph (ModelGraph) and its picture
+      summary.md             a Markdown table of the above
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from tqdm import tqdm
+
+from components.data.format import DatasetError, Manifest, read_manifest
+from components.data.loader import Sample, load_samples
+from components.evaluate.coco import coco_map, predict_coco
+from components.models.detector import Detector
+from components.models.weights import load_detector
+from components.quantize.calibrate import (
+    Calibration,
+    calibrate,
+    calibration_batches,
+    check_method,
+    save_calibration,
+)
+from components.quantize.deploy import (
+    Int8Detector,
+    check_backend,
+    is_int8_model_dir,
+    load_int8_model,
+    save_int8_model,
+)
+from components.quantize.engine import QuantEngine
+from components.quantize.errors import CalibrationError, QuantizeError
+from components.quantize.evaluate import map_by_precision
+from components.quantize.graph import QuantGraph
+from components.quantize.inspector import InspectorSession, ModelReport
+from components.quantize.visualize import model_graph, plot_report, render_graph
+from components.tracking.resolve import find_model_dir
+
+if TYPE_CHECKING:
+    from components.tracking.registry import Registration
+
+ENGINE_PRECISIONS = ("float", "hybrid", "int8")
+DEPLOY = "deploy"  # metric prefix of the deployable int8 model (real int8 kernels)
+PYFUNC_INT8 = Path(__file__).resolve().parent / "pyfunc_int8.py"
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`run_quantize` wrote and recorded."""
+
+    model_dir: Path  # the deployable int8 model directory
+    out_dir: Path
+    calibration: Calibration
+    metrics: dict[str, float]  # see the module docstring
+    report: ModelReport
+    files: dict[str, Path] = field(default_factory=dict)  # calibration, metrics, report_json, ... -> path
+    run_id: str | None = None  # the MLflow run of this quantization
+    model_uri: str | None = None  # the int8 pyfunc model in that run
+    registration: Registration | None = None  # the registered int8 version
+
+
+def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrator: str = "kl",
+                 percentile: float = 99.99, per_channel: bool = True, calib_images: int = 64,
+                 img_size: int | None = None, backend: str = "x86", int8_dir: Path | None = None,
+                 track: bool = True, run_id: str | None = None, register: bool = False,
+                 model_name: str = "detector", float_version: str | None = None, seed: int = 0,
+                 progress: bool = True) -> QuantizeResult:
+    """Quantize the float detector in ``model_dir`` with calibration images from ``dataset_dir``.
+
+    ``calib_images`` images (seeded choice) of the train split calibrate; ``img_size`` (default: the
+    model's) is the letterboxed side of calibration and evaluation images. ``per_channel=False`` quantizes
+    weights per tensor. ``run_id`` is the float training run the MLflow run is nested under; with
+    ``register`` and a ``float_version`` of ``model_name``, the int8 model is registered (and ``run_id``
+    defaults to that version's run).
+
+    Raises :class:`CalibrationError` for an unknown calibrator, a bad ``percentile``/``calib_images`` or
+    a dataset without train images; :class:`~components.models.weights.ModelFileError` /
+    :class:`~components.tracking.resolve.ModelNotFoundError` when ``model_dir`` holds no float detector;
+    :class:`QuantizeError` for an int8 input model, classes that differ from the dataset's, or bad
+    registration arguments.
+    """
+    check_method(calibrator, percentile)
+    if calib_images < 1:
+        raise CalibrationError(f"calib_images must be >= 1, got {calib_images}")
+    check_backend(backend)
+    if register and not (track and float_version):
+        raise QuantizeError("register=True needs track=True and the registered float_version it was quantized "
+                            f"from (got track={track}, float_version={float_version!r})")
+    model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
+    if is_int8_model_dir(model_dir):
+        raise QuantizeError(f"{model_dir}: already an int8 model; quantize its float model instead")
+    model_dir = find_model_dir(model_dir)
+    model = load_detector(model_dir).eval()
+    manifest = _check_dataset(dataset_dir, model)
+    size = img_size or model.config.img_size
+    parent_run_id = run_id
+    if register:
+        assert float_version is not None  # checked above
+        parent_run_id = _check_float_version(model_name, float_version, run_id)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = calibration_batches(dataset_dir, img_size=size, split="train", count=calib_images, seed=seed)
+    graph = QuantGraph(model)
+    calibration = calibrate(
+        graph, lambda: tqdm(batches, desc=f"calibrate ({calibrator})", unit="batch", leave=False,
+                            disable=not progress),
+        method=calibrator, percentile=percentile, weight_granularity="per_channel" if per_channel else "per_tensor")
+    engine = QuantEngine(graph, calibration)
+    int8_path = save_int8_model(model_dir, calibration, Path(int8_dir) if int8_dir else out_dir / "int8_model",
+                                backend=backend, per_channel=per_channel, calibrator=calibrator,
+                                percentile=percentile)
+
+    _, val = load_samples(dataset_dir, "val", size)
+    metrics = _evaluate(model, engine, load_int8_model(int8_path), dataset_dir, val, progress=progress)
+    report = InspectorSession(engine, val[0].image, "int8").report()
+    if report.output_error is not None and report.output_error.sqnr_db is not None:
+        metrics["report_output_sqnr_db"] = float(report.output_error.sqnr_db)
+    files = _write_files(out_dir, engine, calibration, report, metrics, val[0].image)
+
+    result = QuantizeResult(model_dir=int8_path, out_dir=out_dir, calibration=calibration, metrics=metrics,
+                            report=report, files=files)
+    if not track:
+        return result
+    params = {"calibrator": calibrator, "percentile": percentile, "per_channel": per_channel,
+              "calib_images": calibration.images, "img_size": size, "backend": backend, "seed": seed}
+    return _track(result, manifest, params, parent_run_id=parent_run_id, register=register,
+                  model_name=model_name, float_version=float_version)
+
+
+def _check_dataset(dataset_dir: Path, model: Detector) -> Manifest:
+    manifest = read_manifest(dataset_dir)
+    if not manifest.split.train:
+        raise CalibrationError(f"calibration data is empty: dataset {dataset_dir} ({manifest.name!r}) has no "
+                               "images in its train split")
+    if not manifest.split.val:
+        raise DatasetError(f"{dataset_dir}: the val split is empty; quantization is evaluated on it")
+    if len(manifest.classes) != model.config.num_classes:
+        raise QuantizeError(f"dataset {dataset_dir} has {len(manifest.classes)} classes {manifest.classes}, the "
+                            f"model predicts {model.config.num_classes}: evaluate on the dataset it was trained on")
+    return manifest
+
+
+def _check_float_version(name: str, version: str, run_id: str | None) -> str | None:
+    """The float version must exist and be float; returns the run to nest under (``run_id`` or its run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking.setup import configure_mlflow
+
+    configure_mlflow()
+    try:
+        mv = MlflowClient().get_model_version(name, version)
+    except MlflowException as exc:
+        raise QuantizeError(f"float_version {version!r} of registered model {name!r} not found: {exc.message}"
+                            ) from exc
+    if mv.tags.get("precision", "float") != "float":
+        raise QuantizeError(f"version {version} of {name!r} has precision={mv.tags['precision']!r}; "
+                            "float_version must name a float version")
+    if run_id and mv.run_id and run_id != mv.run_id:
+        raise QuantizeError(f"run_id {run_id} is not the run of {name!r} version {version} ({mv.run_id}): "
+                            "pass the float version's own training run, or no run_id")
+    return run_id or mv.run_id or None
+
+
+def _evaluate(model: Detector, engine: QuantEngine, deployed: Int8Detector, dataset_dir: Path, val: list[Sample], *,
+              progress: bool) -> dict[str, float]:
+    """``{float,hybrid,int8,deploy}_{map,map50,map75}`` and ``map50_drop`` (float - deploy, in points)."""
+    metrics: dict[str, float] = {}
+    with tqdm(total=len(ENGINE_PRECISIONS) + 1, desc="evaluate mAP", unit="model", leave=False,
+              disable=not progress) as bar:
+        for precision in ENGINE_PRECISIONS:
+            bar.set_postfix_str(precision)
+            values = map_by_precision(model, engine, dataset_dir, val, precisions=(precision,))[precision]
+            metrics.update({f"{precision}_{k}": v for k, v in values.items()})
+            bar.update()
+        bar.set_postfix_str(DEPLOY)
+        # predict_coco is typed for Detector but only calls eval() and predict().
+        values = coco_map(dataset_dir, [s.image_id for s in val], predict_coco(cast(Detector, deployed), val))
+        metrics.update({f"{DEPLOY}_{k}": v for k, v in values.items()})
+        bar.update()
+    metrics["map50_drop"] = 100.0 * (metrics["float_map50"] - metrics[f"{DEPLOY}_map50"])
+    return metrics
+
+
+def _write_files(out_dir: Path, engine: QuantEngine, calibration: Calibration, report: ModelReport,
+                 metrics: dict[str, float], image: torch.Tensor) -> dict[str, Path]:
+    files = {"calibration": save_calibration(calibration, out_dir / "calibration.json"),
+             "metrics": out_dir / "metrics.json", "report_json": out_dir / "report.json",
+             "graph_json": out_dir / "graph.json", "summary": out_dir / "summary.md"}
+    files["metrics"].write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    files["report_json"].write_text(report.model_dump_json(indent=2))
+    graph = model_graph(engine, image[None], "int8")
+    files["graph_json"].write_text(graph.model_dump_json(indent=2))
+    files["report_png"] = plot_report(report, out_dir / "report.png")
+    files["graph_png"] = render_graph(graph, out_dir / "graph.png")
+    files["summary"].write_text(summary_markdown(calibration, metrics, report))
+    return files
+
+
+def summary_markdown(calibration: Calibration, metrics: dict[str, float], report: ModelReport) -> str:
+    """A short Markdown page: mAP per precision, calibration, worst layers."""
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+    lines = [f"# Quantization ({calibration.method}, {calibration.weight_granularity} weights, "
+             f"{calibration.images} calibration images)", "",
+             "| model | mAP | mAP@.5 | mAP@.75 |", "|---|---|---|---|"]
+    labels = {"float": "float", "hybrid": "hybrid (engine)", "int8": "int8 (engine)",
+              DEPLOY: "int8 (deployable, x86 kernels)"}
+    for key, label in labels.items():
+        lines.append(f"| {label} | {fmt(metrics.get(f'{key}_map'))} | {fmt(metrics.get(f'{key}_map50'))} | "
+                     f"{fmt(metrics.get(f'{key}_map75'))} |")
+    out = report.output_error.sqnr_db if report.output_error else None
+    lines += ["", f"mAP@.5 drop, float to deployable int8: {metrics['map50_drop']:.2f} points.",
+              f"Output SQNR (int8 engine, one validation image): {'exact' if out is None else f'{out:.1f} dB'}.",
+              "", "Layers with the lowest local SQNR: " + (", ".join(report.worst_layers) or "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _track(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *, parent_run_id: str | None,
+           register: bool, model_name: str, float_version: str | None) -> QuantizeResult:
+    """Log the run (nested under the float run) and register the int8 version."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking.model_logging import log_detector_model
+    from components.tracking.registry import register_model
+    from components.tracking.setup import configure_mlflow, git_commit
+    from components.tracking.stage import dataset_recipe
+
+    configure_mlflow()
+    client = MlflowClient()
+    float_params = dict(client.get_run(parent_run_id).data.params) if parent_run_id else {}
+    run_tags = {"modelcommons.stage": "quantize", "task": "detection", "precision": "int8",
+                "calibrator": str(params["calibrator"]), "backend": str(params["backend"]),
+                "dataset_sha256": manifest.sha256, "git_commit": git_commit(),
+                "float_run_id": parent_run_id or "", "float_version": float_version or ""}
+    run_name = f"quantize-{params['calibrator']}"
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
+        mlflow.set_tags(run_tags)
+        mlflow.log_params(params)
+        mlflow.log_metrics(result.metrics)
+        for key in ("report_json", "report_png", "graph_json", "graph_png", "calibration", "metrics", "summary"):
+            mlflow.log_artifact(str(result.files[key]))
+        model_uri = log_detector_model(result.model_dir, python_model=PYFUNC_INT8)
+        mlflow.set_tag("model_uri", model_uri)
+    quant_run_id = run.info.run_id
+    registration = None
+    if register:
+        deploy = {k[len(DEPLOY) + 1:]: v for k, v in result.metrics.items() if k.startswith(f"{DEPLOY}_")}
+        tags = {"precision": "int8", "calibrator": params["calibrator"], "float_version": str(float_version),
+                "backend": params["backend"], "task": "detection", "dataset_sha256": manifest.sha256,
+                "git_commit": run_tags["git_commit"], "float_run_id": parent_run_id or "",
+                "recipe": {"train": float_params, "quantize": params, "dataset": dataset_recipe(manifest)},
+                # metric.map (the registry metric) and metric.map50/map75 are the deployable model's
+                **{f"metric.{k}": repr(float(v)) for k, v in deploy.items() if k != "map"},
+                **{f"metric.{k}": repr(float(v)) for k, v in result.metrics.items()
+                   if not k.startswith(f"{DEPLOY}_")}}
+        registration = register_model(model_uri, name=model_name, run_id=quant_run_id, metric="map",
+                                      value=deploy["map"], tags=tags)
+        client.set_tag(quant_run_id, "registered_model", model_name)
+        client.set_tag(quant_run_id, "registered_version", registration.version)
+    return replace(result, run_id=quant_run_id, model_uri=model_uri, registration=registration)
