@@ -651,11 +651,9 @@ class Ingress:
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
             raise DetectorUnavailableError(f"segmenter deployment unavailable: {type(exc).__name__}") from exc
         resp = result.response
-        if result.png is not None:
-            return Response(content=result.png, media_type="image/png",
-                            headers={"X-Model": resp.model, "X-Image-Id": resp.image_id,
-                                     "X-Embedding-Cache": "hit" if resp.cache_hit else "miss"})
-        return JSONResponse(resp.model_dump(mode="json"))
+        return Response(content=result.body, media_type=result.media_type,
+                        headers={"X-Model": resp.model, "X-Image-Id": resp.image_id,
+                                 "X-Embedding-Cache": "hit" if resp.cache_hit else "miss"})
 
     @app.get("/healthz", response_model=Health, responses={503: ERROR_RESPONSES[503]})
     async def healthz(self) -> Health:

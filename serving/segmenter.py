@@ -94,9 +94,10 @@ class SegmenterUserConfig(BaseModel):
                                   description="Model to serve; None keeps the one given at start.")
     cache_bytes: int = Field(default=DEFAULT_CACHE_BYTES, ge=0, description="Embedding cache bound, bytes.")
     max_batch_size: int = Field(default=16, ge=1, le=256, description="Prompt-decoder batch; 1 = off.")
-    # A batch waits this long for company after its first request. The decoder step takes a few ms,
-    # so a long wait would cost more than batching saves; the encoder step is worth waiting for.
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0, le=1.0, description="Prompt-decoder wait.")
+    # 0: a lone prompt never waits for company. The decoder step takes a few ms, so any wait costs a
+    # cached prompt more than batching saves it; requests that arrive while a batch runs still queue
+    # up and go together in the next one. The encoder step is worth waiting for.
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0, le=1.0, description="Prompt-decoder wait.")
     encoder_max_batch_size: int = Field(default=4, ge=1, le=64, description="Images per encoder batch.")
     encoder_batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=1.0)
     points_per_side: int = Field(default=16, ge=1, le=64)
@@ -120,8 +121,24 @@ class SegmentTask:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    response: SegmentResponse  # masks left empty for the PNG forms
-    png: bytes | None = None
+    """The answer, rendered in the replica so the ingress only relays bytes.
+
+    ``response`` has its masks left empty for the PNG forms; ``body`` is the JSON text of ``response``
+    (``output=json``) or the PNG (``mask``/``blended``). Serialising here, in the replica's worker
+    thread, keeps the pydantic objects out of the ingress hop, which a cached prompt would pay for.
+    """
+
+    response: SegmentResponse
+    body: bytes
+    media_type: str  # "application/json" or "image/png"
+
+    @classmethod
+    def from_response(cls, response: SegmentResponse) -> SegmentResult:
+        return cls(response=response, body=response.model_dump_json().encode(), media_type="application/json")
+
+    @classmethod
+    def from_png(cls, response: SegmentResponse, png: bytes) -> SegmentResult:
+        return cls(response=response.model_copy(update={"masks": []}), body=png, media_type="image/png")
 
 
 @dataclass(frozen=True)
@@ -431,9 +448,9 @@ def render(segments: Segments, embedding: ImageEmbedding, output: SegmentOutput,
             hard = hard[keep]
             label = hard_segmentation(hard)  # renumber: disjoint, so the pixels stay where they are
     if output == "mask":
-        return SegmentResult(response=meta([]), png=label_png(label))
+        return SegmentResult.from_png(meta([]), label_png(label))
     if output == "blended":
-        return SegmentResult(response=meta([]), png=blended_png(embedding.image, hard))
+        return SegmentResult.from_png(meta([]), blended_png(embedding.image, hard))
     rles = encode_rles(hard)
     boxes, areas = rle_bbox_area(rles)
     masks = [
@@ -444,7 +461,7 @@ def render(segments: Segments, embedding: ImageEmbedding, output: SegmentOutput,
                     point=segments.points[i])
         for j, (i, rle, box, area) in enumerate(zip(keep, rles, boxes, areas, strict=True))
     ]
-    return SegmentResult(response=meta(masks))
+    return SegmentResult.from_response(meta(masks))
 
 
 # ---- the deployment -------------------------------------------------------------------------------
@@ -461,6 +478,7 @@ class _DecodeItem:
     loaded: LoadedSegmenter
     embedding: ImageEmbedding
     prompts: PromptBatch
+    finish: Callable[[torch.Tensor, torch.Tensor], SegmentResult]  # logits, IoU -> the rendered answer
 
 
 class SegmenterDeployment:
@@ -540,13 +558,15 @@ class SegmenterDeployment:
                 return render(segments, embedding, task.output, drop_empty=True, meta=meta)
 
             return await asyncio.to_thread(run_auto)
-        low_res, iou = await self._decode_batch(_DecodeItem(loaded=loaded, embedding=embedding, prompts=prompts))
-
-        def finish() -> SegmentResult:
+        def finish(low_res: torch.Tensor, iou: torch.Tensor) -> SegmentResult:
             segments = prompted_segments(loaded, embedding, prompts, low_res, iou, config)
             return render(segments, embedding, task.output, drop_empty=False, meta=meta)
 
-        return await asyncio.to_thread(finish)
+        outcome = await self._decode_batch(_DecodeItem(loaded=loaded, embedding=embedding, prompts=prompts,
+                                                       finish=finish))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def _embedding(self, task: SegmentTask, loaded: LoadedSegmenter) -> tuple[ImageEmbedding, bool]:
         """The cached embedding (hit=True), or a fresh one; concurrent misses on one image share a run."""
@@ -588,19 +608,33 @@ class SegmenterDeployment:
                 results[i] = embedding
         return [r for r in results if r is not None]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _decode_batch(self, items: list[_DecodeItem]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # The decoder step of many requests at once, in a worker thread so the loop keeps batching.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _decode_batch(self, items: list[_DecodeItem]) -> list[SegmentResult | BaseException]:
+        # The decoder step of many requests at once, then each request's masks and answer, all in one
+        # worker thread (one hop for a cached prompt) so the event loop keeps batching meanwhile.
         self._decoder_batches += 1
         self._decoder_requests += len(items)
-        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
-        by_model: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            by_model.setdefault(id(item.loaded), []).append(i)
-        for members in by_model.values():
-            loaded = items[members[0]].loaded
-            decoded = await asyncio.to_thread(
-                decode_together, loaded, [(items[i].embedding, items[i].prompts) for i in members])
-            for i, value in zip(members, decoded, strict=True):
-                results[i] = value
-        return [r for r in results if r is not None]
+        return await asyncio.to_thread(_decode_and_finish, items)
+
+
+def _decode_and_finish(items: list[_DecodeItem]) -> list[SegmentResult | BaseException]:
+    """Decode ``items`` (grouped by model; a reconfigure may land between two requests of one batch) and
+    render each answer. A failure is returned in its item's place, so one bad request fails alone."""
+    results: list[SegmentResult | BaseException] = [RuntimeError("not decoded")] * len(items)
+    by_model: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        by_model.setdefault(id(item.loaded), []).append(i)
+    for members in by_model.values():
+        loaded = items[members[0]].loaded
+        try:
+            decoded = decode_together(loaded, [(items[i].embedding, items[i].prompts) for i in members])
+        except Exception as exc:  # handed to every request of the group
+            for i in members:
+                results[i] = exc
+            continue
+        for i, (low_res, iou) in zip(members, decoded, strict=True):
+            try:
+                results[i] = items[i].finish(low_res, iou)
+            except Exception as exc:  # re-raised in the request that owns it
+                results[i] = exc
+    return results
