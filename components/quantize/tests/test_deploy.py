@@ -198,6 +198,16 @@ def test_save_and_load_round_trip_is_bit_identical(trained, int8_dir: Path, trai
     assert torch.equal(loaded(x), export_int8(model, calibration)(x))
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 96, 96), (5, 3, 96, 96), (2, 3, 64, 128), (1, 3, 160, 96)])
+def test_frozen_runner_is_bit_identical_to_the_graph_module_for_any_batch_and_size(
+        trained, int8_dir: Path, shape: tuple[int, int, int, int]) -> None:
+    # Traced once at 1x3x96x96: other batch sizes and sides must not be baked into the frozen graph.
+    loaded = load_int8_model(int8_dir)
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    out = loaded(x)
+    assert out.shape[0] == shape[0] and torch.equal(out, loaded.quantized(x))
+
+
 def test_int8_predictions_agree_with_float(trained, int8_dir: Path, tiny_dataset: Path) -> None:
     from torchvision.ops import box_iou
 
