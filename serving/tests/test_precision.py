@@ -8,6 +8,7 @@ import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -148,14 +149,21 @@ def test_a_mixed_batch_runs_one_forward_pass_per_precision(model_pair: tuple[Pat
     loaded, int8 = deployment._loaded, deployment._int8
     assert int8 is not None
     calls: dict[str, list[int]] = {"float": [], "int8": []}
-    hooks = [loaded.detector.register_forward_hook(lambda _m, args, _o: calls["float"].append(len(args[0]))),
-             int8.model.quantized.register_forward_hook(lambda _m, args, _o: calls["int8"].append(len(args[0])))]
+    hooks = [loaded.detector.register_forward_hook(lambda _m, args, _o: calls["float"].append(len(args[0])))]
+    runner = int8.model.runner  # a frozen TorchScript graph: no forward hooks, so count at the call
+
+    def counted(images: torch.Tensor) -> torch.Tensor:
+        calls["int8"].append(len(images))
+        return cast(torch.Tensor, runner(images))
+
+    int8.model.runner = counted  # type: ignore[assignment]
     pngs = [scene_png(seed=s) for s in range(4)]
     precisions = ["int8", "float", None, "int8"]
     try:
         results = run_mixed_batch(loaded, int8, [_task(p, q) for p, q in zip(pngs, precisions, strict=True)],
                                   deployment._config)
     finally:
+        int8.model.runner = runner
         for hook in hooks:
             hook.remove()
     assert calls == {"float": [2], "int8": [2]}  # never one forward pass over both precisions
