@@ -123,9 +123,10 @@ class SegmentTask:
 class SegmentResult:
     """The answer, rendered in the replica so the ingress only relays bytes.
 
-    ``response`` has its masks left empty for the PNG forms; ``body`` is the JSON text of ``response``
-    (``output=json``) or the PNG (``mask``/``blended``). Serialising here, in the replica's worker
-    thread, keeps the pydantic objects out of the ingress hop, which a cached prompt would pay for.
+    ``body`` is the JSON text of the full response (``output=json``) or the PNG (``mask``/``blended``);
+    ``response`` carries only the header facts (model, image_id, cache_hit), its ``masks`` left empty.
+    Serialising here, in the replica's worker thread, keeps the masks' RLEs and polygons from being
+    pickled across the ingress hop, which a cached prompt would otherwise pay for twice.
     """
 
     response: SegmentResponse
@@ -134,7 +135,8 @@ class SegmentResult:
 
     @classmethod
     def from_response(cls, response: SegmentResponse) -> SegmentResult:
-        return cls(response=response, body=response.model_dump_json().encode(), media_type="application/json")
+        return cls(response=response.model_copy(update={"masks": []}), body=response.model_dump_json().encode(),
+                   media_type="application/json")
 
     @classmethod
     def from_png(cls, response: SegmentResponse, png: bytes) -> SegmentResult:
