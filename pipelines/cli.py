@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
     upload.add_argument("--name", help="only this pipeline (default: every pipeline)")
     upload.add_argument("--version", help="version name (default: <package version>-<git commit>)")
+    # Task pods on a cluster take MLFLOW_TRACKING_URI and MODELCOMMONS_S3_* from the chart's ConfigMap/Secret.
+    for action in (comp, run, submit, upload):
+        action.add_argument("--env-from", metavar="NAME",
+                            help="ConfigMap (and Secret) the task pods take MLflow/S3 settings from: the chart's "
+                                 "pipelineEnv.name (default modelcommons-pipeline-env); 'none' for no env sources")
+        action.add_argument("--env-secret", metavar="NAME",
+                            help="Secret with the S3 keys when it is not named like the ConfigMap "
+                                 "(the chart's pipelineEnv.existingSecret)")
 
     # deploy
     deploy = sub.add_parser("deploy", help="serve a registered model from the KubeRay RayService (patch, wait)")
@@ -158,10 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                "throughput at concurrency 1 and 8")
     bsegment.add_argument("--out", type=Path, required=True)
     bsegment.add_argument("--model-uri", help="segmenter to serve; default: a fresh untrained 'tiny' segmenter")
-    bsegment.add_argument("--img-size", type=_positive_int,
-                          help="input side of the default untrained 'tiny' segmenter (32..256; preset default)")
+    bsegment.add_argument("--img-size", type=_positive_int, default=None,
+                          help="input side of the default untrained 'tiny' segmenter, 32..256 (default 256, "
+                               "the preset's largest: at 128 px its encoder costs only ~2x the prompt decoder)")
     bsegment.add_argument("--requests", type=_positive_int, default=100, help="measured requests per level")
     bsegment.add_argument("--port", type=_port, default=8012)
+    bquantize = bsub.add_parser("quantize", help="detector mAP@.5 per calibrator x mode (float, hybrid, int8, "
+                                                 "deploy) and float vs deployable-int8 latency at batch 1 and 8")
+    bquantize.add_argument("--out", type=Path, required=True, help="JSON file; the PNG chart is written beside it")
+    bquantize.add_argument("--model-uri", help="float detector: registered URI or directory "
+                                               "(default: models:/detector@champion)")
+    bquantize.add_argument("--data", type=Path, help="dataset artifact directory (default: a generated shapes "
+                                                     "dataset at --img-size)")
+    bquantize.add_argument("--img-size", type=_positive_int, default=320, help="input side (multiple of 16)")
+    bquantize.add_argument("--calib-images", type=_positive_int, default=32, help="train images to calibrate on")
+    bquantize.add_argument("--val-images", type=_positive_int, default=100,
+                           help="validation images of the generated dataset (ignored with --data)")
+    bquantize.add_argument("--repeats", type=_positive_int, default=30, help="timed forwards per batch size")
+    bquantize.add_argument("--threads", type=_positive_int, default=1, help="torch threads while measuring")
     bsampler = bsub.add_parser("sampler", help="batch samplers (uniform, recency_bias, ...) on digits + detector")
     bsampler.add_argument("--out", type=Path, required=True, help="JSON file; the PNG is written beside it")
     bsampler.add_argument("--seeds", type=_positive_int, default=3)
@@ -176,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from pipelines import runner
+    from pipelines.cluster_env import env_from
 
+    env = env_from(getattr(args, "env_from", None), getattr(args, "env_secret", None))
     if args.action == "list":
         for name in sorted(runner.pipelines()):
             params = runner.pipeline_parameters(name)
@@ -185,17 +209,17 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             print(f"{name}({shown})")
         return 0
     if args.action == "compile":
-        path = runner.compile_pipeline(args.name, args.output)
+        path = runner.compile_pipeline(args.name, args.output, env=env)
         print(f"wrote {path}")
         return 0
     if args.action == "upload":
-        for line in runner.upload(host=args.host, name=args.name, version=args.version):
+        for line in runner.upload(host=args.host, name=args.name, version=args.version, env=env):
             print(line)
         return 0
     params = runner.parse_params(args.name, args.param)
     if args.action == "submit" or args.host:
         run_id = runner.submit(args.name, params, host=args.host, experiment=args.experiment,
-                               run_name=getattr(args, "run_name", None))
+                               run_name=getattr(args, "run_name", None), env=env)
         print(f"submitted {args.name} to {args.host}: run {run_id}")
         return 0
     outputs = runner.run_local(args.name, params)
@@ -318,6 +342,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.action == "segment":
         return _bench_segment(args)
+    if args.action == "quantize":
+        return _bench_quantize(args)
 
     from serving.app import ServeArgs
     from serving.bench import bench_serve
@@ -336,17 +362,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from components.quantize.bench import bench_quantize, render_latency_table, render_table, resolve_bench_model
+
+    console = Console()
+    model_uri, model_dir = resolve_bench_model(args.model_uri)
+    report = bench_quantize(args.out, model_dir=model_dir, model_uri=model_uri, data_dir=args.data,
+                            img_size=args.img_size, calib_images=args.calib_images, val_images=args.val_images,
+                            repeats=args.repeats, threads=args.threads, log=lambda line: console.log(line))
+    console.print(render_table(report))
+    console.print(render_latency_table(report))
+    console.print(json.dumps({k: report[k] for k in ("int8_speedup_b1", "int8_speedup_b8", "best_calibrator",
+                                                     "map50_drop_best", "meets_targets")}, indent=2))
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
 def _bench_segment(args: argparse.Namespace) -> int:
     import tempfile
 
     from serving.app import ServeArgs
-    from serving.bench_segment import bench_segment
+    from serving.bench_segment import BENCH_TINY_IMG_SIZE, bench_segment
 
     model_uri = args.model_uri
     if model_uri is None:
         from components.segment.model import build_segmenter, save_segmenter, segmenter_config
 
-        config = segmenter_config("tiny", img_size=args.img_size)
+        config = segmenter_config("tiny", img_size=args.img_size or BENCH_TINY_IMG_SIZE)
         model_uri = str(save_segmenter(build_segmenter(config), config,
                                        Path(tempfile.mkdtemp(prefix="mc-bench-")) / "sam-tiny"))
     elif args.img_size is not None:

@@ -17,6 +17,7 @@ from components.segment.component import (
 )
 from components.tracking.component import register_component
 from components.train.component import train_component
+from pipelines.cluster_env import with_cluster_env
 
 
 @dsl.pipeline(name="demo",
@@ -43,30 +44,30 @@ def demo(
     ("miou_box", float)]):
     intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
                               max_error_fraction=max_error_fraction)
-    intake.set_display_name("intake")
+    with_cluster_env(intake).set_display_name("intake")
     dataset = intake.outputs["dataset"]
 
     train = train_component(dataset=dataset, preset=detector_preset, epochs=detector_epochs,
                             batch_size=detector_batch_size, seed=seed, img_size=detector_img_size)
-    train.set_display_name("train")
+    with_cluster_env(train).set_display_name("train")
     evaluate = evaluate_component(dataset=dataset, model=train.outputs["model"], run_id=train.outputs["run_id"])
-    evaluate.set_display_name("evaluate")
+    with_cluster_env(evaluate).set_display_name("evaluate")
     register = register_component(dataset=dataset, model=train.outputs["model"], run_id=train.outputs["run_id"],
                                   model_uri=train.outputs["model_uri"], map=evaluate.outputs["map"],
                                   map50=evaluate.outputs["map50"], model_name="detector")
-    register.set_display_name("register")
+    with_cluster_env(register).set_display_name("register")
 
     seg_train = train_segmenter_component(dataset=dataset, preset=segmenter_preset, img_size=segmenter_img_size,
                                           epochs=segmenter_epochs, batch_size=segmenter_batch_size, seed=seed)
-    seg_train.set_display_name("train-segmenter")
+    with_cluster_env(seg_train).set_display_name("train-segmenter")
     seg_evaluate = evaluate_segmenter_component(dataset=dataset, model=seg_train.outputs["model"],
                                                 run_id=seg_train.outputs["run_id"])
-    seg_evaluate.set_display_name("evaluate-segmenter")
+    with_cluster_env(seg_evaluate).set_display_name("evaluate-segmenter")
     seg_register = register_segmenter_component(
         dataset=dataset, model=seg_train.outputs["model"], run_id=seg_train.outputs["run_id"],
         model_uri=seg_train.outputs["model_uri"], miou_point=seg_evaluate.outputs["miou_point"],
         miou_box=seg_evaluate.outputs["miou_box"], model_name="segmenter")
-    seg_register.set_display_name("register-segmenter")
+    with_cluster_env(seg_register).set_display_name("register-segmenter")
 
     Outputs = NamedTuple("Outputs", [  # noqa: UP014
         ("detector_run_id", str), ("detector_version", str), ("detector_alias", str), ("map", float),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from components.settings import Settings, get_settings
+from pipelines.cluster_env import DEFAULT_ENV, ClusterEnv, for_cluster
 
 
 class PipelineParamError(ValueError):
@@ -19,10 +20,12 @@ def pipelines() -> dict[str, Callable[..., Any]]:
     """Every pipeline by its KFP name."""
     from pipelines.demo_pipeline import demo
     from pipelines.detector_train import detector_train
+    from pipelines.quantize import quantize
     from pipelines.segmenter_train import segmenter_train
     from pipelines.sweep import sweep
 
-    return {"detector-train": detector_train, "sweep": sweep, "segmenter-train": segmenter_train, "demo": demo}
+    return {"detector-train": detector_train, "sweep": sweep, "segmenter-train": segmenter_train, "demo": demo,
+            "quantize": quantize}
 
 
 def get_pipeline(name: str) -> Callable[..., Any]:
@@ -76,13 +79,19 @@ def parse_params(name: str, pairs: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def compile_pipeline(name: str, output: Path) -> Path:
-    """Write the pipeline's IR YAML to ``output``."""
+def cluster_pipeline(name: str, env: ClusterEnv | None = DEFAULT_ENV) -> Any:
+    """The pipeline ``name`` for a cluster: every task's environment from ``env``'s ConfigMap and Secret
+    (``None``: none, the pods rely on cluster defaults); see :mod:`pipelines.cluster_env`."""
+    return for_cluster(get_pipeline(name), env)
+
+
+def compile_pipeline(name: str, output: Path, *, env: ClusterEnv | None = DEFAULT_ENV) -> Path:
+    """Write the pipeline's IR YAML to ``output``; task pods take their environment from ``env``."""
     from kfp import compiler
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(get_pipeline(name), str(output))
+    compiler.Compiler().compile(cluster_pipeline(name, env), str(output))
     return output
 
 
@@ -125,9 +134,12 @@ def kfp_client(host: str) -> Any:
 
 
 def submit(name: str, params: dict[str, Any], *, host: str, experiment: str = "modelcommons",
-           run_name: str | None = None) -> str:
-    """Submit a pipeline run to a Kubeflow Pipelines server through ``kfp.Client``; return the run id."""
-    func = get_pipeline(name)
+           run_name: str | None = None, env: ClusterEnv | None = DEFAULT_ENV) -> str:
+    """Submit a pipeline run to a Kubeflow Pipelines server through ``kfp.Client``; return the run id.
+
+    Task pods take their environment from ``env`` (see :func:`cluster_pipeline`).
+    """
+    func = cluster_pipeline(name, env)
     client = kfp_client(host)
     result = client.create_run_from_pipeline_func(func, arguments=params, experiment_name=experiment,
                                                   run_name=run_name)
@@ -145,8 +157,9 @@ def default_version_name() -> str:
     return f"{version('modelcommons')}-{short}"
 
 
-def upload(*, host: str, name: str | None = None, version: str | None = None) -> list[str]:
-    """Compile every pipeline (or only ``name``) and upload it to the KFP API at ``host``.
+def upload(*, host: str, name: str | None = None, version: str | None = None,
+           env: ClusterEnv | None = DEFAULT_ENV) -> list[str]:
+    """Compile every pipeline (or only ``name``), task environment from ``env``, and upload it to ``host``.
 
     A pipeline the server does not know yet is created; otherwise a version named ``version``
     (default :func:`default_version_name`) is added, unless a version of that name exists already,
@@ -164,7 +177,7 @@ def upload(*, host: str, name: str | None = None, version: str | None = None) ->
     lines = []
     with tempfile.TemporaryDirectory(prefix="mc-upload-") as tmp:
         for each in names:
-            package = str(compile_pipeline(each, Path(tmp) / f"{each}.yaml"))
+            package = str(compile_pipeline(each, Path(tmp) / f"{each}.yaml", env=env))
             pipeline_id = client.get_pipeline_id(each)
             if pipeline_id is None:
                 created = client.upload_pipeline(package, pipeline_name=each,

@@ -1,15 +1,21 @@
-"""Pipeline ``segmenter-train``: intake -> train-segmenter -> evaluate-segmenter -> register ``segmenter``."""
+"""Pipeline ``segmenter-train``: intake -> train-segmenter -> evaluate-segmenter -> register ``segmenter``.
+
+With ``quantize=True`` the registered float version's image encoder is also quantized (``calibrator``)
+and the int8 model registered as a new version of ``model_name`` tagged ``float_version=<that version>``.
+"""
 
 from typing import NamedTuple
 
 from kfp import dsl
 
 from components.data.component import intake_component
+from components.quantize.component import quantize_component
 from components.segment.component import (
     evaluate_segmenter_component,
     register_segmenter_component,
     train_segmenter_component,
 )
+from pipelines.cluster_env import with_cluster_env
 
 
 @dsl.pipeline(name="segmenter-train",
@@ -32,23 +38,33 @@ def segmenter_train(
     freeze_encoder: bool = False,
     init_checkpoint: str = "",
     model_name: str = "segmenter",
+    quantize: bool = False,
+    calibrator: str = "percentile",
+    calib_images: int = 64,
 ) -> NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str),  # type: ignore[valid-type]
                             ("miou_point", float), ("miou_box", float)]):
     intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
                               max_error_fraction=max_error_fraction, augment=augment)
-    intake.set_display_name("intake")
+    with_cluster_env(intake).set_display_name("intake")
     train = train_segmenter_component(dataset=intake.outputs["dataset"], preset=preset, img_size=img_size,
                                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                                       freeze_encoder=freeze_encoder, init_checkpoint=init_checkpoint)
-    train.set_display_name("train-segmenter")
+    with_cluster_env(train).set_display_name("train-segmenter")
     evaluate = evaluate_segmenter_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
                                             run_id=train.outputs["run_id"])
-    evaluate.set_display_name("evaluate-segmenter")
+    with_cluster_env(evaluate).set_display_name("evaluate-segmenter")
     register = register_segmenter_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
                                             run_id=train.outputs["run_id"], model_uri=train.outputs["model_uri"],
                                             miou_point=evaluate.outputs["miou_point"],
                                             miou_box=evaluate.outputs["miou_box"], model_name=model_name)
-    register.set_display_name("register-segmenter")
+    with_cluster_env(register).set_display_name("register-segmenter")
+    # Optional int8: quantize the version just registered; its int8 version is tagged float_version.
+    with dsl.If(quantize == True, name="quantize-requested"):  # noqa: E712  # a KFP condition, not a Python test
+        quant = quantize_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
+                                   calibrator=calibrator, calib_images=calib_images,
+                                   run_id=train.outputs["run_id"], float_version=register.outputs["version"],
+                                   model_name=model_name)
+        with_cluster_env(quant).set_display_name("quantize-segmenter")
     Outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str),  # noqa: UP014
                                      ("miou_point", float), ("miou_box", float)])
     return Outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],

@@ -19,6 +19,7 @@ from components.train.sweep_component import (
     sweep_tpe_component,
     sweep_trial_component,
 )
+from pipelines.cluster_env import with_cluster_env
 
 
 @dsl.pipeline(name="sweep",
@@ -34,21 +35,21 @@ def sweep(
 ) -> NamedTuple("Outputs", [("best_run_id", str), ("best_value", float), ("best_params", str),  # type: ignore[valid-type]
                             ("trials", int), ("version", str), ("alias", str)]):
     start = sweep_start_component(space=space)  # fails fast on an invalid space, before intake
-    start.set_display_name("start")
+    with_cluster_env(start).set_display_name("start")
     intake = intake_component(source=source, fmt=fmt, val_fraction=val_fraction, seed=split_seed,
                               max_error_fraction=max_error_fraction, augment=False)
-    intake.set_display_name("intake").after(start)
+    with_cluster_env(intake).set_display_name("intake").after(start)
     plan = sweep_plan_component(space=space, parent_run_id=start.output)
-    plan.set_display_name("plan")
+    with_cluster_env(plan).set_display_name("plan")
     tpe = sweep_tpe_component(dataset=intake.outputs["dataset"], space=space, parent_run_id=start.output)
-    tpe.set_display_name("tpe")
+    with_cluster_env(tpe).set_display_name("tpe")
     # At most 2 trials at once: a static limit (KFP needs a literal); each trial is a whole training run.
     with dsl.ParallelFor(plan.output, parallelism=2) as trial:
         run = sweep_trial_component(dataset=intake.outputs["dataset"], trial=trial, space=space)
-        run.set_display_name("trial")
+        with_cluster_env(run).set_display_name("trial")
     select = sweep_select_component(dataset=intake.outputs["dataset"], parent_run_id=start.output, space=space,
                                     model_name=model_name).after(tpe).after(run)
-    select.set_display_name("select")
+    with_cluster_env(select).set_display_name("select")
     Outputs = NamedTuple("Outputs", [("best_run_id", str), ("best_value", float), ("best_params", str),  # noqa: UP014
                                      ("trials", int), ("version", str), ("alias", str)])
     return Outputs(select.outputs["best_run_id"], select.outputs["best_value"], select.outputs["best_params"],

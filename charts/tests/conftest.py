@@ -28,7 +28,8 @@ KUBERNETES_VERSION = "1.30.0"
 NAMESPACE = "modelcommons"
 RELEASE = "mc"
 # Secret names the production scenarios point at (they exist in the cluster, not in the chart).
-PRODUCTION_SECRETS = ["--set", "s3.existingSecret=mc-s3", "--set", "postgresql.auth.existingSecret=mc-postgresql"]
+PRODUCTION_SECRETS = ["--set", "s3.existingSecret=mc-s3", "--set", "postgresql.auth.existingSecret=mc-postgresql",
+                      "--set", "pipelineEnv.existingSecret=mc-pipeline-s3"]
 
 
 def tool(path: Path, how: str) -> Path:

@@ -99,8 +99,11 @@ def test_production_renders_no_secret_and_no_credential(rendered):
 
 def test_development_profile_generates_credentials_into_secrets(rendered):
     secrets = {m["metadata"]["name"]: m for m in by_kind(rendered["default"], "Secret")}
-    assert set(secrets) == {"mc-modelcommons-s3", "mc-modelcommons-postgresql"}
+    assert set(secrets) == {"mc-modelcommons-s3", "mc-modelcommons-postgresql", "modelcommons-pipeline-env"}
     assert set(secrets["mc-modelcommons-s3"]["data"]) == {"access-key", "secret-key"}
+    # The pipeline task pods' copy holds the same generated keys (one value, rendered twice).
+    s3, copy = secrets["mc-modelcommons-s3"]["data"], secrets["modelcommons-pipeline-env"]["data"]
+    assert copy == {"MODELCOMMONS_S3_ACCESS_KEY": s3["access-key"], "MODELCOMMONS_S3_SECRET_KEY": s3["secret-key"]}
     assert len(secrets["mc-modelcommons-postgresql"]["data"]["password"]) == 44  # 32 random chars, base64
 
 
@@ -246,7 +249,8 @@ def test_pipeline_upload_job_is_a_hook_running_modelcommons_pipeline_upload(rend
     job = one(rendered["full"], "Job", lambda m: m["metadata"]["name"].endswith("pipeline-upload"))
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     (c,) = job["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["modelcommons", "pipeline", "upload", "--host", "http://ml-pipeline.kubeflow.svc:8888"]
+    assert c["command"] == ["modelcommons", "pipeline", "upload", "--host", "http://ml-pipeline.kubeflow.svc:8888",
+                            "--env-from", "modelcommons-pipeline-env", "--env-secret", "modelcommons-pipeline-env"]
     token = job["spec"]["template"]["spec"]["volumes"][1]["projected"]["sources"][0]["serviceAccountToken"]
     assert token["audience"] == "pipelines.kubeflow.org"
     assert not [m for m in rendered["default"] if m["metadata"]["name"].endswith("pipeline-upload")]
@@ -289,7 +293,9 @@ def test_every_resource_has_the_standard_labels_and_the_release_namespace(render
         assert labels["app.kubernetes.io/part-of"] == "modelcommons", name_of(m)
         assert labels["app.kubernetes.io/managed-by"] == "Helm", name_of(m)
         assert labels["team"] == "vision", name_of(m)
-        assert m["metadata"]["namespace"] == NAMESPACE, name_of(m)
+        # The pipeline task pods' ConfigMap/Secret live where Kubeflow Pipelines runs them.
+        pipeline_env = m["metadata"]["labels"]["app.kubernetes.io/component"] == "pipeline-env"
+        assert m["metadata"]["namespace"] == ("kubeflow" if pipeline_env else NAMESPACE), name_of(m)
 
 
 def test_notes_tell_how_to_reach_mlflow_and_serving():

@@ -27,6 +27,7 @@ class KfpStandIn:
         self.pipelines: dict[str, dict[str, Any]] = {}  # id -> {display_name, versions: {id: (name, spec)}}
         self.experiments: dict[str, str] = {}  # id -> name
         self.runs: list[dict[str, Any]] = []
+        self.platforms: dict[str, dict[str, Any]] = {}  # version id -> platform spec (second YAML document)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -88,8 +89,10 @@ class KfpStandIn:
                         f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + self._body())
                     [part] = [p for p in message.iter_parts() if p.get_param("name", header="content-disposition")
                               == "uploadfile"]
-                    spec = yaml.safe_load(part.get_payload(decode=True))
+                    # IR YAML: the pipeline spec, then the platform spec (Kubernetes env sources)
+                    spec, *platform = yaml.safe_load_all(part.get_payload(decode=True))
                     name, vid = query["name"][0], str(uuid.uuid4())
+                    kfp.platforms[vid] = platform[0] if platform else {}
                     if url.path.endswith("/upload"):
                         pid = str(uuid.uuid4())
                         kfp.pipelines[pid] = {"display_name": name, "versions": {vid: (name, spec)}}
@@ -129,7 +132,10 @@ def test_submit_creates_the_experiment_and_a_run_with_typed_parameters(
     assert list(kfp_api.experiments.values()) == ["nightly"]
     assert run["experiment_id"] == next(iter(kfp_api.experiments)) and run["display_name"] == "try-1"
     assert run["runtime_config"]["parameters"] == {"source": "s3://b/raw/", "epochs": 3}
-    assert run["pipeline_spec"]["pipelineInfo"]["name"] == "detector-train"
+    # With a platform spec, the v2beta1 API takes {"pipeline_spec": ..., "platform_spec": ...}.
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "detector-train"
+    executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-train-component"]["configMapAsEnv"][0]["configMapName"] == "modelcommons-pipeline-env"
     assert f"submitted detector-train to {kfp_api.url}: run {run['run_id']}" in capsys.readouterr().out
     # `pipeline run --host` is the same submission.
     assert main(["pipeline", "run", "detector-train", "--host", kfp_api.url, "--param", "source=s3://b/x/"]) == 0
@@ -147,6 +153,9 @@ def test_upload_creates_then_adds_a_version_once(kfp_api: KfpStandIn, capsys: py
     assert first_version == "detector-train"  # KFP names a new pipeline's first version after it
     assert spec["pipelineInfo"]["name"] == "detector-train" and "comp-train-component" in spec["components"]
     assert f"detector-train: created pipeline {pid}" in capsys.readouterr().out
+    [platform] = [kfp_api.platforms[vid] for vid in pipeline["versions"]]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-train-component"]["secretAsEnv"][0]["secretName"] == "modelcommons-pipeline-env"
 
     assert main(["pipeline", "upload", "--host", kfp_api.url, "--version", "0.1.0-abc"]) == 0
     assert [n for n, _ in pipeline["versions"].values()] == ["detector-train", "0.1.0-abc"]

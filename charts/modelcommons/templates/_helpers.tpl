@@ -95,6 +95,16 @@ imagePullSecrets:
 {{- if .Values.s3.existingSecret }}{{ .Values.s3.existingSecret }}{{ else }}{{ include "modelcommons.fullname" . }}-s3{{ end }}
 {{- end }}
 
+{{/* Namespace of the Kubeflow Pipelines task pods: where their ConfigMap and Secret must live. */}}
+{{- define "modelcommons.pipelineEnv.namespace" -}}
+{{- default .Release.Namespace .Values.pipelineEnv.namespace }}
+{{- end }}
+
+{{/* Secret the task pods read the S3 keys from (`--env-secret` when it differs from pipelineEnv.name). */}}
+{{- define "modelcommons.pipelineEnv.secretName" -}}
+{{- default .Values.pipelineEnv.name .Values.pipelineEnv.existingSecret }}
+{{- end }}
+
 {{- define "modelcommons.postgresql.secretName" -}}
 {{- if not .Values.postgresql.enabled }}{{ .Values.externalDatabase.existingSecret }}
 {{- else if .Values.postgresql.auth.existingSecret }}{{ .Values.postgresql.auth.existingSecret }}
@@ -204,6 +214,12 @@ to the ServeArgs field types so that large integers never render in exponent for
   "max_image_pixels" (int64 $a.max_image_pixels)
   "ingress_num_cpus" (float64 $a.ingress_num_cpus)
   "max_ongoing_requests" (int $a.max_ongoing_requests)
+  "int8_model_uri" $a.int8_model_uri
+  "inspector_max_sessions" (int $a.inspector_max_sessions)
+  "inspector_max_bytes" (int64 $a.inspector_max_bytes)
+  "inspector_ttl_s" (float64 $a.inspector_ttl_s)
+  "inspector_num_cpus" (float64 $a.inspector_num_cpus)
+  "inspector_max_edit_bytes" (int64 $a.inspector_max_edit_bytes)
 }}
 {{- $app := dict "name" "modelcommons" "route_prefix" "/" "import_path" "serving.app:app_builder" "args" $args }}
 {{- $cfg := dict
@@ -261,6 +277,9 @@ to the ServeArgs field types so that large integers never render in exponent for
 {{- fail (printf "%s must be empty when secrets.requireExisting is true: put it in the existing Secret instead" $field) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if and .Values.pipelineEnv.enabled .Values.s3.existingSecret (not .Values.pipelineEnv.existingSecret) }}
+{{- fail (printf "pipelineEnv.existingSecret is required when s3.existingSecret is set (the chart does not copy a Secret it did not make): a Secret in namespace %s with keys MODELCOMMONS_S3_ACCESS_KEY and MODELCOMMONS_S3_SECRET_KEY for the pipeline task pods, or pipelineEnv.enabled=false" (include "modelcommons.pipelineEnv.namespace" .)) }}
 {{- end }}
 {{- if and .Values.pipelineUpload.enabled (not .Values.pipelineUpload.host) }}
 {{- fail "pipelineUpload.host (the Kubeflow Pipelines API URL) is required when pipelineUpload.enabled is true" }}
