@@ -25,10 +25,16 @@ def quantize_component(
     calib_images: int = 64,
     run_id: str = "",
     float_version: str = "",
-    model_name: str = "detector",
+    model_name: str = "",
 ) -> NamedTuple("QuantizeOutputs", [("run_id", str), ("model_uri", str), ("version", str),  # type: ignore[valid-type]
                                     ("float_map50", float), ("int8_map50", float), ("deploy_map50", float)]):
     """Calibrate ``model`` on ``dataset``'s train split, compare float/hybrid/int8 mAP on its val split.
+
+    ``model`` may be a detector or a segmenter (the stage dispatches on its ``config.json`` kind; for a
+    segmenter the image encoder is quantized and mIoU compared, see :mod:`components.quantize.segment`).
+    ``model_name`` "" means the model's kind. The ``*_map50`` outputs are -1.0 for a segmenter (it has no
+    mAP; -1 rather than NaN, which JSON parameter passing on a cluster cannot carry); its
+    ``{float,hybrid,int8,deploy}_{miou_point,miou_box}`` are in ``metrics``.
 
     ``int8_model`` gets the deployable int8 model directory; ``report`` gets calibration.json,
     metrics.json, report.json/.png and graph.json/.png. With ``float_version`` (a registered float
@@ -44,7 +50,7 @@ def quantize_component(
     result = run_quantize(Path(model.path), Path(dataset.path), Path(report.path), calibrator=calibrator,
                           percentile=percentile, per_channel=per_channel, calib_images=calib_images,
                           int8_dir=Path(int8_model.path), run_id=run_id or None, register=bool(float_version),
-                          model_name=model_name, float_version=float_version or None, progress=False)
+                          model_name=model_name or None, float_version=float_version or None, progress=False)
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     shutil.copyfile(result.files["summary"], summary.path)
@@ -54,8 +60,9 @@ def quantize_component(
                                 "model_uri": result.model_uri or "", "version": version})
     QuantizeOutputs = namedtuple("QuantizeOutputs", ["run_id", "model_uri", "version", "float_map50", "int8_map50",
                                                      "deploy_map50"])
-    return QuantizeOutputs(result.run_id or "", result.model_uri or "", version, result.metrics["float_map50"],
-                           result.metrics["int8_map50"], result.metrics["deploy_map50"])
+    m = result.metrics  # a segmenter has mIoU, not mAP: -1.0
+    return QuantizeOutputs(result.run_id or "", result.model_uri or "", version, m.get("float_map50", -1.0),
+                           m.get("int8_map50", -1.0), m.get("deploy_map50", -1.0))
 
 
 @dsl.component(base_image=BASE_IMAGE)

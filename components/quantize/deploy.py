@@ -41,7 +41,7 @@ import copy
 import hashlib
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,7 +57,7 @@ from components.models.weights import CONFIG_FILE, WEIGHTS_FILE, ModelFileError,
 from components.quantize.calibrate import CALIBRATORS, Calibration, TensorRange
 from components.quantize.engine import quantize_weight
 from components.quantize.errors import CalibrationError, QuantizeError, UnsupportedLayerError
-from components.quantize.graph import PASS_THROUGH_KINDS, QuantGraph
+from components.quantize.graph import PASS_THROUGH_KINDS, QuantGraph, is_declared_leaf
 
 QUANT_FILE = "quantization.json"
 FORMAT_VERSION = 1
@@ -81,7 +81,8 @@ class Int8Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: Literal[1] = 1
-    kind: Literal["int8_detector"] = "int8_detector"
+    kind: Literal["int8_detector", "int8_segmenter"] = Field(
+        default="int8_detector", description="int8_segmenter: a segmenter, image encoder in int8 (see .segment)")
     backend: Backend = Field(description="torch.backends.quantized engine the model is built for")
     calibrator: Literal["minmax", "percentile", "kl", "log2"]
     percentile: float | None = Field(default=None, ge=50.0, le=100.0, description="only for 'percentile'")
@@ -310,8 +311,14 @@ def export_int8_with_report(model: Detector, calibration: Calibration, *, backen
 
 
 def export_module_int8(model: nn.Module, calibration: Calibration, *, example: torch.Tensor, backend: str = "x86",
-                       per_channel: bool = True) -> Int8Export:
-    """:func:`export_int8_with_report` for any single-input, single-output model ``QuantGraph`` can trace."""
+                       per_channel: bool = True, float_types: Sequence[type[nn.Module]] = ()) -> Int8Export:
+    """:func:`export_int8_with_report` for any single-input, single-output model ``QuantGraph`` can trace.
+
+    Modules of ``float_types`` (e.g. ``nn.LayerNorm``, ``nn.GELU``) and the graph's declared leaves
+    (modules with a ``quant_kind``, see :mod:`.graph`) get no qconfig: they run in float between a
+    dequantize and the next quantized consumer's quantize (at that tensor's calibrated range).
+    """
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     check_backend(backend)
@@ -321,8 +328,14 @@ def export_module_int8(model: nn.Module, calibration: Calibration, *, example: t
 
     backend_config = _backend_config(backend)
     mapping = _qconfig_mapping(backend, per_channel=per_channel, power_of_two=calibration.power_of_two)
+    leaves = list(dict.fromkeys(type(m) for m in gm.modules() if is_declared_leaf(m)))
+    for module_type in (*leaves, *float_types):
+        mapping.set_object_type(module_type, None)
+    # torch's tracer would trace into the declared leaves (they are not torch.nn classes): keep them whole.
+    custom = PrepareCustomConfig().set_non_traceable_module_classes(leaves)
     with _quiet_fx_deprecation():
-        prepared = prepare_fx(gm, mapping, example_inputs=(example,), backend_config=backend_config)
+        prepared = prepare_fx(gm, mapping, example_inputs=(example,), prepare_custom_config=custom,
+                              backend_config=backend_config)
         report = _feed_observers(prepared, graph, calibration)
         converted = convert_fx(prepared, backend_config=backend_config)
     _inline_qparams(converted)
@@ -514,6 +527,9 @@ def load_int8_model(path: Path, *, device: torch.device | None = None) -> Int8De
     if device is not None and torch.device(device).type != "cpu":
         raise Int8ModelError(f"{path}: int8 models run on the CPU only, got device {device}")
     spec = read_int8_spec(path)
+    if spec.kind != "int8_detector":
+        raise Int8ModelError(f"{path / QUANT_FILE}: field kind is {spec.kind!r}, not 'int8_detector'; load an "
+                             "int8 segmenter with components.quantize.segment.load_int8_segmenter")
     if spec.weights_file != WEIGHTS_FILE:
         raise Int8ModelError(f"{path / QUANT_FILE}: field weights_file must be {WEIGHTS_FILE!r}, "
                              f"got {spec.weights_file!r}")

@@ -15,11 +15,19 @@ Per-layer precisions (a model-wide mode sets every layer; CROSS mixes them):
   accumulator to float (``acc * s_in * s_w + bias``); other layers run in float.
 - ``int8``: integer only. Conv2d/Linear: int32 bias ``round(b / (s_in s_w))``, then fixed-point
   requantization (``M = s_in s_w / s_out = M0 2^(shift-31)``) to int8. ReLU/LeakyReLU: two fixed-point
-  multipliers (slope 1 and the negative slope). SiLU/Sigmoid: a 256-entry lookup table. Add: TFLite's
+  multipliers (slope 1 and the negative slope). SiLU/Sigmoid/GELU: a 256-entry lookup table. Add: TFLite's
   scheme (inputs shifted left 20 bits, rescaled to a common scale, summed, requantized). Cat: each input
   requantized to the output scale. Nearest upsample, flatten, transpose, reshape, max-pool: pass-through
   (the output keeps the input's scale). Float inputs (the image, or a float layer before a CROSS) are
   quantized with their tensor's calibrated scale. The model output is dequantized for decoding.
+
+Layers without an integer-only implementation (LayerNorm, the segmenter's attention core with its
+softmax and activation x activation matmuls, its position-embedding add, any "other" op) make a
+model-wide ``int8`` run raise :class:`UnsupportedLayerError` naming the layer. :func:`int8_precisions`
+gives the explicit alternative: ``int8`` wherever an integer implementation exists and ``float`` for
+the rest ("float islands": the int8 input is dequantized, the op runs in float32, and the next int8
+layer requantizes its output with the output tensor's calibrated scale). The islands show as ``float``
+layers in the inspector report and the model graph.
 """
 
 from __future__ import annotations
@@ -297,8 +305,8 @@ class QuantEngine:
         if kind not in WEIGHTED_KINDS | ACTIVATION_KINDS | MERGE_KINDS:
             raise UnsupportedLayerError(
                 f"layer {layer.index} ({layer.name}): {layer.op} has no integer-only implementation; "
-                f"run it in float or hybrid (supported in int8: conv2d, linear, relu, leaky_relu, silu, "
-                f"sigmoid, add, cat, nearest upsample, flatten, transpose, reshape, permute, max_pool2d)")
+                f"run it in float or hybrid, or as a float island (int8_precisions); supported in int8: "
+                f"{', '.join(sorted(INT8_KINDS))} (upsample: nearest only)")
         s_out = self.tensor_scale(layer.name)
         inputs = [self._int8_input(env, name) for name in layer.inputs]
         if kind in WEIGHTED_KINDS:
@@ -331,11 +339,36 @@ class QuantEngine:
             slope = 0.0 if layer.kind == "relu" else _negative_slope(self.graph, layer)
             table = leaky_relu_int8(_INT8_GRID, x.scale, s_out, slope)
         else:
-            table = build_lut(F.silu if layer.kind == "silu" else torch.sigmoid, x.scale, s_out)
+            table = build_lut(_lut_function(self.graph, layer), x.scale, s_out)
         return table[x.tensor.to(torch.int64) + 128]
 
 
 _INT8_GRID = torch.arange(-128, 128, dtype=torch.int8)
+# Layer kinds with an integer-only implementation (everything else is float-only in this engine).
+INT8_KINDS = WEIGHTED_KINDS | ACTIVATION_KINDS | MERGE_KINDS | PASS_THROUGH_KINDS
+
+
+def int8_precisions(graph: QuantGraph) -> list[Precision]:
+    """Per-layer precisions: ``int8`` where the layer has an integer-only implementation, else ``float``.
+
+    The ``float`` entries are the model's float islands (see the module docstring); for a model without
+    any (the detector) this equals the model-wide ``int8`` mode.
+    """
+    return [Precision.INT8 if layer.kind in INT8_KINDS else Precision.FLOAT for layer in graph.layers]
+
+
+def _lut_function(graph: QuantGraph, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float function behind a table-driven activation (silu, sigmoid, gelu with its approximation)."""
+    if layer.kind == "silu":
+        return F.silu
+    if layer.kind == "sigmoid":
+        return torch.sigmoid
+    approximate = "none"
+    if layer.node.op == "call_module":
+        approximate = str(getattr(graph.module(layer), "approximate", "none"))
+    elif isinstance(layer.node.kwargs.get("approximate"), str):
+        approximate = str(layer.node.kwargs["approximate"])
+    return lambda t: F.gelu(t, approximate=approximate)
 
 
 def leaky_relu_int8(q: torch.Tensor, s_in: float, s_out: float, slope: float) -> torch.Tensor:

@@ -5,6 +5,11 @@ torch.fx's Conv2d+BatchNorm2d folding), in-place activations made out-of-place (
 every intermediate tensor), then traced with ``torch.fx.symbolic_trace``. ``nn.Identity`` nodes (left by
 BN folding) are removed. Each remaining ``call_*`` node is one :class:`Layer`, in execution order;
 tensors are named by the node that makes them.
+
+A module with a string class attribute ``quant_kind`` is traced as one leaf layer of that kind (e.g. the
+segmenter's ``"layer_norm"`` and ``"attention"`` float islands, see :mod:`components.quantize.segment`):
+its internals (parameter reads, data-dependent shapes, softmax, matmuls of two activations) stay inside
+one float call that the engine, the calibrators and the deployable export treat as a unit.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from components.quantize.errors import LayerIndexError, UnsupportedLayerError
 # Layer kinds. A "quantization point" produces a tensor with its own calibrated scale; a pass-through only
 # moves values around, so its int8 output keeps its input's scale.
 WEIGHTED_KINDS = frozenset({"conv2d", "linear"})
-ACTIVATION_KINDS = frozenset({"relu", "leaky_relu", "silu", "sigmoid"})
+ACTIVATION_KINDS = frozenset({"relu", "leaky_relu", "silu", "sigmoid", "gelu"})
 MERGE_KINDS = frozenset({"add", "cat"})
 PASS_THROUGH_KINDS = frozenset({"upsample", "flatten", "transpose", "reshape", "permute", "max_pool2d",
                                 "contiguous"})
@@ -33,12 +38,13 @@ SUPPORTED_KINDS = WEIGHTED_KINDS | ACTIVATION_KINDS | MERGE_KINDS | PASS_THROUGH
 _MODULE_KINDS: dict[type[nn.Module], str] = {
     nn.Conv2d: "conv2d", nn.Linear: "linear", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu",
     nn.Sigmoid: "sigmoid", nn.Upsample: "upsample", nn.Flatten: "flatten", nn.MaxPool2d: "max_pool2d",
+    nn.GELU: "gelu", nn.LayerNorm: "layer_norm",
 }
 _FUNCTION_KINDS: dict[Callable[..., Any], str] = {
     operator.add: "add", torch.add: "add", torch.cat: "cat", torch.flatten: "flatten",
     torch.transpose: "transpose", torch.reshape: "reshape", torch.permute: "permute",
     torch.relu: "relu", torch.sigmoid: "sigmoid", nn.functional.relu: "relu",
-    nn.functional.leaky_relu: "leaky_relu", nn.functional.silu: "silu",
+    nn.functional.leaky_relu: "leaky_relu", nn.functional.silu: "silu", nn.functional.gelu: "gelu",
 }
 _METHOD_KINDS = {"flatten": "flatten", "transpose": "transpose", "reshape": "reshape", "view": "reshape",
                  "permute": "permute", "contiguous": "contiguous", "add": "add", "relu": "relu",
@@ -73,8 +79,9 @@ class QuantGraph:
         for module in model.modules():
             if hasattr(module, "inplace"):
                 setattr(module, "inplace", False)  # noqa: B010  # keep every intermediate tensor intact
-        # Models without fuse(): torch.fx folds every Conv2d -> BatchNorm2d pair while tracing.
-        fused = fx_fuse(model, inplace=True)
+        # Models without fuse(): torch.fx folds every Conv2d -> BatchNorm2d pair after tracing.
+        traced = fx.GraphModule(model, _LeafTracer().trace(model), type(model).__name__)
+        fused = fx_fuse(traced, inplace=True, no_trace=True)
         assert isinstance(fused, fx.GraphModule)
         self.graph_module: fx.GraphModule = fused
         _remove_identities(self.graph_module)
@@ -107,7 +114,8 @@ class QuantGraph:
         fx.node.map_arg((node.args, node.kwargs), collect)
         if node.op == "call_module":
             module = self.graph_module.get_submodule(str(node.target))
-            kind = _MODULE_KINDS.get(type(module), "other")
+            declared = getattr(module, "quant_kind", None)
+            kind = declared if isinstance(declared, str) else _MODULE_KINDS.get(type(module), "other")
             if kind == "upsample" and getattr(module, "mode", None) != "nearest":
                 kind = "other"  # bilinear upsampling computes new values: not a pass-through
             op, target = type(module).__name__, str(node.target)
@@ -166,6 +174,18 @@ class QuantGraph:
             if on_tensor is not None and isinstance(out, torch.Tensor):
                 on_tensor(layer.name, out)
         return env[self.output_name]
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's default tracer, plus: modules declaring a ``quant_kind`` are leaves (one layer each)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_declared_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def is_declared_leaf(module: nn.Module) -> bool:
+    """True for a module that declares its layer kind with a string ``quant_kind`` attribute."""
+    return isinstance(getattr(module, "quant_kind", None), str)
 
 
 def _remove_identities(gm: fx.GraphModule) -> None:

@@ -1,5 +1,10 @@
 """Quantize stage: calibrate a trained detector, compare float / hybrid / int8 mAP, write and register int8.
 
+:func:`run_quantize` dispatches on the model directory's ``config.json`` ``kind``: a ``"detector"`` is
+handled here; a ``"segmenter"`` by :func:`components.quantize.segment.run_segmenter_quantize` (its image
+encoder is quantized; metrics are ``{float,hybrid,int8,deploy}_{miou_point,miou_box}`` and
+``miou_box_drop``; see that module). Any other kind is a :class:`QuantizeError`.
+
 Steps of :func:`run_quantize`:
 
 1. calibrate (``minmax``, ``percentile``, ``kl`` or ``log2``) on images drawn from the dataset artifact's
@@ -39,6 +44,7 @@ from components.data.format import DatasetError, Manifest, read_manifest
 from components.data.loader import Sample, load_samples
 from components.evaluate.coco import coco_map, predict_coco
 from components.models.detector import Detector
+from components.models.files import CONFIG_FILE, WEIGHTS_FILE, ModelFileError
 from components.models.weights import load_detector
 from components.quantize.calibrate import (
     Calibration,
@@ -89,9 +95,12 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
                  percentile: float = 99.99, per_channel: bool = True, calib_images: int = 64,
                  img_size: int | None = None, backend: str = "x86", int8_dir: Path | None = None,
                  track: bool = True, run_id: str | None = None, register: bool = False,
-                 model_name: str = "detector", float_version: str | None = None, seed: int = 0,
+                 model_name: str | None = None, float_version: str | None = None, seed: int = 0,
                  progress: bool = True) -> QuantizeResult:
-    """Quantize the float detector in ``model_dir`` with calibration images from ``dataset_dir``.
+    """Quantize the float detector (or segmenter, see the module docstring) in ``model_dir``.
+
+    ``model_name`` (default: the model's kind, ``"detector"`` or ``"segmenter"``) is the registered model
+    the float version belongs to and the int8 version is added to.
 
     ``calib_images`` images (seeded choice) of the train split calibrate; ``img_size`` (default: the
     model's) is the letterboxed side of calibration and evaluation images. ``per_channel=False`` quantizes
@@ -116,6 +125,18 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
     if is_int8_model_dir(model_dir):
         raise QuantizeError(f"{model_dir}: already an int8 model; quantize its float model instead")
     model_dir = find_model_dir(model_dir)
+    kind = model_kind(model_dir)
+    if kind == "segmenter":
+        from components.quantize.segment import run_segmenter_quantize
+
+        if img_size is not None:
+            raise QuantizeError(f"img_size={img_size}: a segmenter is quantized at its own input size; leave it unset")
+        return run_segmenter_quantize(
+            model_dir, dataset_dir, out_dir, calibrator=calibrator, percentile=percentile, per_channel=per_channel,
+            calib_images=calib_images, backend=backend, int8_dir=int8_dir, track=track, run_id=run_id,
+            register=register, model_name=model_name or kind, float_version=float_version, seed=seed,
+            progress=progress)
+    model_name = model_name or kind
     model = load_detector(model_dir).eval()
     manifest = _check_dataset(dataset_dir, model)
     size = img_size or model.config.img_size
@@ -151,6 +172,28 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
               "calib_images": calibration.images, "img_size": size, "backend": backend, "seed": seed}
     return _track(result, manifest, params, parent_run_id=parent_run_id, register=register,
                   model_name=model_name, float_version=float_version)
+
+
+QUANTIZABLE_KINDS = ("detector", "segmenter")
+
+
+def model_kind(model_dir: Path) -> str:
+    """The ``kind`` in ``<model_dir>/config.json`` (``"detector"`` or ``"segmenter"``).
+
+    Raises :class:`ModelFileError` when the file is missing or not JSON, :class:`QuantizeError` naming
+    the file and value for any other kind.
+    """
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if kind not in QUANTIZABLE_KINDS:
+        raise QuantizeError(f"{path}: field 'kind' is {kind!r}; quantize supports {list(QUANTIZABLE_KINDS)}")
+    return str(kind)
 
 
 def _check_dataset(dataset_dir: Path, model: Detector) -> Manifest:

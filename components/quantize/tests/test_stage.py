@@ -183,7 +183,8 @@ def test_model_dir_must_hold_a_float_detector_for_this_dataset(trained_model_dir
     segmenter = tmp_path / "segmenter"
     shutil.copytree(trained_model_dir, segmenter)
     (segmenter / "config.json").write_text(json.dumps({"kind": "segmenter", "format_version": 1, "config": {}}))
-    with pytest.raises(ModelFileError, match="field 'kind' must be 'detector', got 'segmenter'"):
+    # a segmenter config is quantized as a segmenter (see test_segment_quant.py): detector weights don't fit it
+    with pytest.raises(ModelFileError, match=r"keys do not match a 'tiny' segmenter: .* unexpected \[fuse_p3"):
         run_quantize(segmenter, tiny_dataset, tmp_path / "out", track=False, progress=False)
     int8 = tmp_path / "int8"
     shutil.copytree(trained_model_dir, int8)
