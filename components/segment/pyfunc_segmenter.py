@@ -23,7 +23,15 @@ class SegmenterPyfunc(PythonModel):
         from components.segment.model import load_segmenter
         from components.tracking.resolve import find_model_dir
 
-        self.model, self.config = load_segmenter(find_model_dir(Path(context.artifacts["segmenter"])))
+        model_dir = find_model_dir(Path(context.artifacts["segmenter"]))
+        if (model_dir / "quantization.json").is_file():  # an int8 version: its encoder runs on int8 kernels
+            from components.quantize.segment import load_int8_segmenter
+
+            int8 = load_int8_segmenter(model_dir)
+            self.model, self.config, self.precision = int8.model, int8.config, "int8"
+        else:
+            self.model, self.config = load_segmenter(model_dir)
+            self.precision = "float"
 
     def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
         # Untyped on purpose: MLflow would otherwise derive a second signature from the hints.

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -221,6 +222,16 @@ def test_quantize_stage_on_a_segmenter_registers_an_int8_version(trained_segment
     assert float(mv.tags["metric.miou_box"]) == pytest.approx(m["deploy_miou_box"])
     assert str(client.get_model_version_by_alias("segmenter", "champion").version) == "1"
     assert client.get_run(result.run_id).data.tags["mlflow.parentRunId"] == run.info.run_id
+
+    # The registered int8 version loads through MLflow with its int8 encoder, and answers like the stage's model.
+    pyfunc = mlflow.pyfunc.load_model("models:/segmenter/2")
+    inner = pyfunc.unwrap_python_model()
+    assert inner.precision == "int8"
+    assert mlflow.pyfunc.load_model("models:/segmenter/1").unwrap_python_model().precision == "float"
+    image = (torch.rand(80, 96, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    boxes = np.array([[10.0, 12.0, 60.0, 70.0]], dtype=np.float32)
+    answer = pyfunc.predict({"image": image, "boxes": boxes})
+    assert list(answer["prompt_index"]) == [0] and 0 <= int(answer["area"][0]) <= 80 * 96
 
 
 def test_bad_inputs_name_the_problem(trained_segmenter: Path, tiny_dataset: Path, tmp_path: Path) -> None:
