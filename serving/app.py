@@ -695,6 +695,13 @@ class Ingress:
         except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
             raise DetectorUnavailableError(f"inspector deployment unavailable: {type(exc).__name__}") from exc
 
+    async def _inspect_response(self, method: str, *args: Any, status_code: int = 200, **kwargs: Any) -> Response:
+        """:meth:`_inspect`'s result as the HTTP response: PNG bytes as ``image/png``, a pydantic model as JSON."""
+        result: BaseModel | bytes = await self._inspect(method, *args, **kwargs)
+        if isinstance(result, bytes):
+            return Response(content=result, media_type="image/png", status_code=status_code)
+        return JSONResponse(result.model_dump(mode="json"), status_code=status_code)
+
     async def _session_input(self, request: Request) -> tuple[bytes, SessionCreateParams]:
         """Image bytes and options of a new inspector session (multipart or JSON)."""
         ctype = self._content_type(request)
@@ -737,8 +744,7 @@ class Ingress:
     @app.get("/v1/inspect", response_model=InspectorInfo, responses={404: ERROR_RESPONSES[404]})
     async def inspect_info(self) -> Response:
         """Inspector limits (sessions, memory, expiry) and use; calibrators and precisions it accepts."""
-        info: InspectorInfo = await self._inspect("describe")
-        return JSONResponse(info.model_dump(mode="json"))
+        return await self._inspect_response("describe")
 
     @app.post("/v1/inspect/sessions", status_code=201, response_model=SessionInfo,
               openapi_extra=_INSPECT_CREATE_BODY, responses=INSPECT_CREATE_RESPONSES)
@@ -746,14 +752,12 @@ class Ingress:
         """Open a session: one image through one model, layer by layer (nothing has run yet: position 0)."""
         data, params = await self._session_input(request)
         image = await asyncio.to_thread(decode_image, data, self._limits)  # (3, H, W) uint8
-        info: SessionInfo = await self._inspect("create", CreateTask(image=image, params=params))
-        return JSONResponse(info.model_dump(mode="json"), status_code=201)
+        return await self._inspect_response("create", CreateTask(image=image, params=params), status_code=201)
 
     @app.get("/v1/inspect/sessions/{session_id}", response_model=SessionInfo, responses=INSPECT_RESPONSES)
     async def inspect_session(self, session_id: Annotated[str, Path(max_length=64)]) -> Response:
         """The session's model, calibration, layer list, position and expiry."""
-        info: SessionInfo = await self._inspect("info", session_id)
-        return JSONResponse(info.model_dump(mode="json"))
+        return await self._inspect_response("info", session_id)
 
     @app.delete("/v1/inspect/sessions/{session_id}", status_code=204, response_class=Response,
                 responses=INSPECT_RESPONSES)
@@ -765,15 +769,13 @@ class Ingress:
     @app.post("/v1/inspect/sessions/{session_id}/step", response_model=LayerResponse, responses=INSPECT_RESPONSES)
     async def inspect_step(self, session_id: Annotated[str, Path(max_length=64)]) -> Response:
         """STEP: run the next layer (index = position) and report it; 409 after the last layer."""
-        result: LayerResponse = await self._inspect("step", session_id)
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("step", session_id)
 
     @app.post("/v1/inspect/sessions/{session_id}/run_to", response_model=LayerResponse,
               responses=INSPECT_RESPONSES)
     async def inspect_run_to(self, session_id: Annotated[str, Path(max_length=64)], body: RunToRequest) -> Response:
         """Run every layer up to and including ``index`` and report that layer."""
-        result: LayerResponse = await self._inspect("run_to", session_id, body.index)
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("run_to", session_id, body.index)
 
     @app.get("/v1/inspect/sessions/{session_id}/layers/{index}", response_model=LayerResponse,
              responses=INSPECT_RESPONSES)
@@ -783,8 +785,7 @@ class Ingress:
     ) -> Response:
         """Report of layer ``index`` (it must have run: 409 otherwise): type, shapes, parameters, scales,
         input/output/weight statistics with histograms and saturation, float-vs-quantized error."""
-        result: LayerResponse = await self._inspect("layer", session_id, index, local=local)
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("layer", session_id, index, local=local)
 
     @app.get("/v1/inspect/sessions/{session_id}/layers/{index}/image", response_class=Response,
              responses={200: {"content": {"image/png": {}}, "description": "Channel grid as PNG."},
@@ -795,8 +796,7 @@ class Ingress:
             description="first input, output, weights, or output minus the float run")] = "output",
     ) -> Response:
         """Picture of a layer's tensor: up to 16 channels as a grid of heat maps."""
-        png: bytes = await self._inspect("layer_image", session_id, index, which)
-        return Response(content=png, media_type="image/png")
+        return await self._inspect_response("layer_image", session_id, index, which)
 
     @app.post("/v1/inspect/sessions/{session_id}/layers/{index}/weights", response_model=EditResponse,
               openapi_extra=_INSPECT_EDIT_BODY, responses=INSPECT_EDIT_RESPONSES)
@@ -805,8 +805,7 @@ class Ingress:
         """Edit layer ``index``'s weights (all values, or one output channel scaled), re-run it, show the change.
         Layers after it must run again (``session.position`` = index + 1)."""
         edit = await self._edit_body(request)
-        result: EditResponse = await self._inspect("edit", session_id, index, edit)
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("edit", session_id, index, edit)
 
     async def _edit_body(self, request: Request) -> WeightEditRequest:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -833,8 +832,7 @@ class Ingress:
     @app.post("/v1/inspect/sessions/{session_id}/cross", response_model=SessionStatus, responses=INSPECT_RESPONSES)
     async def inspect_cross(self, session_id: Annotated[str, Path(max_length=64)], body: CrossRequest) -> Response:
         """CROSS: layers ``index``.. run in ``to`` from now on; they (re-)run on the next step/run_to."""
-        status: SessionStatus = await self._inspect("cross", session_id, body.index, body.to)
-        return JSONResponse(status.model_dump(mode="json"))
+        return await self._inspect_response("cross", session_id, body.index, body.to)
 
     @app.get("/v1/inspect/sessions/{session_id}/report", response_model=ModelReport,
              responses={200: {"content": {"image/png": {}}, "description": "Report as JSON, or its chart (png)."},
@@ -844,10 +842,7 @@ class Ingress:
         format: Annotated[Literal["json", "png"], Query(description="json: ModelReport; png: SQNR chart")] = "json",
     ) -> Response:
         """Run the remaining layers; per-layer float-vs-quantized error of the whole model."""
-        result: ModelReport | bytes = await self._inspect("report", session_id, png=format == "png")
-        if isinstance(result, bytes):
-            return Response(content=result, media_type="image/png")
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("report", session_id, png=format == "png")
 
     @app.get("/v1/inspect/sessions/{session_id}/graph", response_model=ModelGraph,
              responses={200: {"content": {"image/png": {}}, "description": "Graph as JSON, or its picture (png)."},
@@ -857,10 +852,7 @@ class Ingress:
         format: Annotated[Literal["json", "png"], Query(description="json: ModelGraph; png: picture")] = "json",
     ) -> Response:
         """Model graph: nodes (op, shapes, parameter count, this session's precision, scales) and edges."""
-        result: ModelGraph | bytes = await self._inspect("graph", session_id, png=format == "png")
-        if isinstance(result, bytes):
-            return Response(content=result, media_type="image/png")
-        return JSONResponse(result.model_dump(mode="json"))
+        return await self._inspect_response("graph", session_id, png=format == "png")
 
 
 def build_app(args: ServeArgs) -> Application:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,15 +186,12 @@ def int8_sibling_uri(resolved: ResolvedModel, *, settings: Settings | None = Non
 
 def find_int8_dir(root: Path) -> Path:
     """The int8 model directory (holding ``quantization.json``) at or under ``root``."""
+    from components.models.files import find_dir
     from components.quantize.deploy import QUANT_FILE, is_int8_model_dir
 
-    root = Path(root)
-    if is_int8_model_dir(root):
-        return root
-    for marker in sorted(root.rglob(QUANT_FILE)):
-        if is_int8_model_dir(marker.parent):
-            return marker.parent
-    raise ModelLoadError(f"{root}: no int8 model directory ({QUANT_FILE} with its model files) under it")
+    if (found := find_dir(root, QUANT_FILE, is_int8_model_dir)) is None:
+        raise ModelLoadError(f"{root}: no int8 model directory ({QUANT_FILE} with its model files) under it")
+    return found
 
 
 def load_int8_variant(uri: str, *, source: str) -> Int8Variant:
@@ -276,37 +274,24 @@ def run_batch(loaded: LoadedModel, tasks: list[DetectTask],
 
     Per-request thresholds override ``defaults``. Boxes are returned in each image's own pixels.
     """
-    if not tasks:
-        return []
-    size = loaded.detector.config.img_size
-    inputs: list[torch.Tensor] = []
-    placements: list[Letterbox] = []
-    for task in tasks:
-        x, placement = letterbox(task.image, size)  # (3, S, S) float in [0, 1]
-        inputs.append(x)
-        placements.append(placement)
-    batch = torch.stack(inputs).to(loaded.device)  # (B, 3, S, S)
-    with torch.inference_mode():
-        raw = loaded.detector(batch)  # (B, N, 5+K)
-        results: list[DetectResult] = []
-        for i, (task, placement) in enumerate(zip(tasks, placements, strict=True)):
-            p = task.params
-            (dets,) = loaded.detector.postprocess(
-                raw[i:i + 1], size, size,
-                score_threshold=defaults.score_threshold if p.score_threshold is None else p.score_threshold,
-                iou_threshold=defaults.iou_threshold if p.iou_threshold is None else p.iou_threshold,
-                max_detections=defaults.max_detections if p.max_detections is None else p.max_detections,
-            )
-            dets = Detections(boxes=placement.boxes_to_image(dets.boxes.cpu()), scores=dets.scores.cpu(),
-                              labels=dets.labels.cpu())
-            results.append(_result(loaded, task, dets))
-    return results
+    return _detect(loaded, tasks, defaults, forward=loaded.detector, decoder=loaded.detector, device=loaded.device)
 
 
 def run_int8_batch(loaded: LoadedModel, int8: Int8Variant, tasks: list[DetectTask],
                    defaults: DetectorUserConfig) -> list[DetectResult]:
     """:func:`run_batch` on the int8 model: ONE forward pass on the quantized CPU kernels, then the float
     model's decoding and NMS per image (per-request thresholds, boxes in each image's own pixels)."""
+    # The int8 forward runs on CPU kernels and returns float (B, N, 5+K); decoding is the float model's.
+    return _detect(loaded, tasks, defaults, forward=int8.model.forward, decoder=int8.model.float_model,
+                   device=None, int8=int8)
+
+
+def _detect(loaded: LoadedModel, tasks: list[DetectTask], defaults: DetectorUserConfig, *,
+            forward: Callable[[torch.Tensor], torch.Tensor], decoder: Detector, device: torch.device | None,
+            int8: Int8Variant | None = None) -> list[DetectResult]:
+    """Letterbox ``tasks`` to the float model's size, ``forward`` the (B, 3, S, S) batch (moved to ``device``
+    unless None) to raw (B, N, 5+K) outputs, decode each with ``decoder.postprocess`` (per-request
+    thresholds) and map boxes back to each image's own pixels."""
     if not tasks:
         return []
     size = loaded.detector.config.img_size
@@ -316,13 +301,15 @@ def run_int8_batch(loaded: LoadedModel, int8: Int8Variant, tasks: list[DetectTas
         x, placement = letterbox(task.image, size)  # (3, S, S) float in [0, 1]
         inputs.append(x)
         placements.append(placement)
-    model = int8.model
+    batch = torch.stack(inputs)  # (B, 3, S, S)
+    if device is not None:
+        batch = batch.to(device)
     with torch.inference_mode():
-        raw = model.forward(torch.stack(inputs))  # (B, N, 5+K) float, computed in int8
+        raw = forward(batch)  # (B, N, 5+K)
         results: list[DetectResult] = []
         for i, (task, placement) in enumerate(zip(tasks, placements, strict=True)):
             p = task.params
-            (dets,) = model.float_model.postprocess(
+            (dets,) = decoder.postprocess(
                 raw[i:i + 1], size, size,
                 score_threshold=defaults.score_threshold if p.score_threshold is None else p.score_threshold,
                 iou_threshold=defaults.iou_threshold if p.iou_threshold is None else p.iou_threshold,

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelFileError", "read_model_config", "read_weights", "save_model_dir"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelFileError", "find_dir", "read_config_doc", "read_model_config",
+           "read_weights", "save_model_dir"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +49,32 @@ def save_model_dir(model: torch.nn.Module, directory: Path, *, kind: str, format
     return directory
 
 
+def read_config_doc(directory: Path) -> Any:
+    """``<directory>/config.json`` parsed, whatever JSON value it holds (the caller checks its fields).
+
+    Raises :class:`ModelFileError` naming the file when it is missing or not valid JSON.
+    """
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def find_dir(root: Path, marker: str, accept: Callable[[Path], bool]) -> Path | None:
+    """``root`` when ``accept(root)``, else the first directory under it (by sorted path of its ``marker``
+    file) that holds ``marker`` and is accepted; None when there is none."""
+    root = Path(root)
+    if accept(root):
+        return root
+    for found in sorted(root.rglob(marker)):
+        if accept(found.parent):
+            return found.parent
+    return None
+
+
 def read_model_config(directory: Path, *, kind: str, format_version: int,
                       parse: Callable[[dict[str, Any]], ConfigT]) -> ConfigT:
     """Parse ``<directory>/config.json`` of a ``kind`` model with ``parse`` (e.g. ``Config.from_dict``).
@@ -57,12 +84,7 @@ def read_model_config(directory: Path, *, kind: str, format_version: int,
     TypeError or ValueError).
     """
     path = Path(directory) / CONFIG_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
+    doc = read_config_doc(directory)
     if not isinstance(doc, dict) or doc.get("kind") != kind:
         found = doc.get("kind") if isinstance(doc, dict) else doc
         raise ModelFileError(f"{path}: field 'kind' must be {kind!r}, got {found!r}")

@@ -23,15 +23,12 @@ COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "score", "class_id", "class_na
 
 def find_int8_dir(root: Path) -> Path:
     """The directory under ``root`` (itself included) that holds an int8 model."""
+    from components.models.files import find_dir
     from components.quantize.deploy import QUANT_FILE, is_int8_model_dir
 
-    root = Path(root)
-    if is_int8_model_dir(root):
-        return root
-    for marker in sorted(root.rglob(QUANT_FILE)):
-        if is_int8_model_dir(marker.parent):
-            return marker.parent
-    raise FileNotFoundError(f"{root}: no int8 model directory ({QUANT_FILE}) under it")
+    if (found := find_dir(root, QUANT_FILE, is_int8_model_dir)) is None:
+        raise FileNotFoundError(f"{root}: no int8 model directory ({QUANT_FILE}) under it")
+    return found
 
 
 class Int8DetectorPyfunc(PythonModel):

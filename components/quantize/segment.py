@@ -48,11 +48,9 @@ An int8 segmenter directory holds the float ``config.json`` + ``model.safetensor
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -60,11 +58,9 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention, Block, add_decomposed_rel_pos
 from torch import fx, nn
-from tqdm import tqdm
 
-from components.data.format import DatasetError, Manifest, read_manifest
 from components.models.files import CONFIG_FILE, WEIGHTS_FILE
-from components.quantize.calibrate import CALIBRATORS, Calibration, calibrate, check_method, save_calibration
+from components.quantize.calibrate import CALIBRATORS, Calibration
 from components.quantize.deploy import (
     QUANT_FILE,
     Backend,
@@ -81,7 +77,7 @@ from components.quantize.errors import CalibrationError, QuantizeError
 from components.quantize.graph import QuantGraph
 from components.quantize.inspector import InspectorSession, ModelReport
 from components.quantize.metrics import ErrorStats, error_stats
-from components.quantize.visualize import model_graph, plot_report, render_graph
+from components.quantize.visualize import model_graph
 from components.segment.data import SegSample, load_seg_samples
 from components.segment.evaluate import evaluate_segmenter
 from components.segment.model import PIXEL_MEAN, PIXEL_STD, SegmenterConfig, load_segmenter
@@ -423,36 +419,29 @@ def run_segmenter_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *,
     Metrics: ``{float,hybrid,int8,deploy}_{miou_point,miou_box}``, ``miou_box_drop`` (float minus
     deployable box mIoU, in points: x100), ``embedding_sqnr_db_{hybrid,int8,deploy}`` on the first val image.
     """
-    from components.quantize.stage import QuantizeResult, _check_float_version
+    from components.quantize.stage import (
+        QuantizeResult,
+        calibrate_graph,
+        check_arguments,
+        check_splits,
+        parent_run,
+        track_quantize,
+        write_files,
+    )
 
-    check_method(calibrator, percentile)
-    if calib_images < 1:
-        raise CalibrationError(f"calib_images must be >= 1, got {calib_images}")
-    check_backend(backend)
-    if register and not (track and float_version):
-        raise QuantizeError("register=True needs track=True and the registered float_version it was quantized "
-                            f"from (got track={track}, float_version={float_version!r})")
+    check_arguments(calibrator=calibrator, percentile=percentile, calib_images=calib_images, backend=backend,
+                    register=register, track=track, float_version=float_version)
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
     model, config = load_segmenter(model_dir)
-    manifest = read_manifest(dataset_dir)
-    if not manifest.split.train:
-        raise CalibrationError(f"calibration data is empty: dataset {dataset_dir} ({manifest.name!r}) has no "
-                               "images in its train split")
-    if not manifest.split.val:
-        raise DatasetError(f"{dataset_dir}: the val split is empty; quantization is evaluated on it")
-    parent_run_id = run_id
-    if register:
-        assert float_version is not None  # checked above
-        parent_run_id = _check_float_version(model_name, float_version, run_id)
+    manifest = check_splits(dataset_dir)
+    parent_run_id = parent_run(run_id, register=register, model_name=model_name, float_version=float_version)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _, train = load_seg_samples(dataset_dir, "train", config.img_size)
     batches = segmenter_calibration_batches(model, train, count=calib_images, seed=seed)
     graph = encoder_graph(model)
-    calibration = calibrate(
-        graph, lambda: tqdm(batches, desc=f"calibrate ({calibrator})", unit="batch", leave=False,
-                            disable=not progress),
-        method=calibrator, percentile=percentile, weight_granularity="per_channel" if per_channel else "per_tensor")
+    calibration = calibrate_graph(graph, batches, calibrator=calibrator, percentile=percentile,
+                                  per_channel=per_channel, progress=progress)
     engine = QuantEngine(graph, calibration)
     int8_path = save_int8_segmenter(model_dir, calibration, Path(int8_dir) if int8_dir else out_dir / "int8_model",
                                     backend=backend, per_channel=per_channel, calibrator=calibrator,
@@ -472,7 +461,8 @@ def run_segmenter_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *,
         metrics[f"embedding_sqnr_db_{DEPLOY}"] = _finite(error_stats(reference, deployed.encoder(image)).sqnr_db)
     plan = int8_precisions(graph)
     report = _report(engine, image, plan)
-    files = _write_files(out_dir, engine, calibration, report, metrics, image, plan)
+    files = write_files(out_dir, calibration, report, metrics, model_graph(engine, image, plan),
+                        summary_markdown(calibration, metrics, report, engine.graph, plan))
     result = QuantizeResult(model_dir=int8_path, out_dir=out_dir, calibration=calibration, metrics=metrics,
                             report=report, files=files)
     if not track:
@@ -480,8 +470,10 @@ def run_segmenter_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *,
     params = {"calibrator": calibrator, "percentile": percentile, "per_channel": per_channel,
               "calib_images": calibration.images, "img_size": config.img_size, "backend": backend, "seed": seed,
               "quantized_part": "image_encoder"}
-    return _track(result, manifest, params, parent_run_id=parent_run_id, register=register,
-                  model_name=model_name, float_version=float_version)
+    return track_quantize(result, manifest, params, parent_run_id=parent_run_id, register=register,
+                          model_name=model_name, float_version=float_version, task="segmentation",
+                          log_model=_log_int8_segmenter, metric="miou_box",
+                          extra_tags={"quantized_part": "image_encoder"})
 
 
 def _finite(value: float | None) -> float:
@@ -493,21 +485,6 @@ def _report(engine: QuantEngine, image: torch.Tensor, plan: list[Precision]) -> 
     session = InspectorSession(engine, image, "float")
     session.precisions = list(plan)
     return session.report()
-
-
-def _write_files(out_dir: Path, engine: QuantEngine, calibration: Calibration, report: ModelReport,
-                 metrics: dict[str, float], image: torch.Tensor, plan: list[Precision]) -> dict[str, Path]:
-    files = {"calibration": save_calibration(calibration, out_dir / "calibration.json"),
-             "metrics": out_dir / "metrics.json", "report_json": out_dir / "report.json",
-             "graph_json": out_dir / "graph.json", "summary": out_dir / "summary.md"}
-    files["metrics"].write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    files["report_json"].write_text(report.model_dump_json(indent=2))
-    graph = model_graph(engine, image, plan)
-    files["graph_json"].write_text(graph.model_dump_json(indent=2))
-    files["report_png"] = plot_report(report, out_dir / "report.png")
-    files["graph_png"] = render_graph(graph, out_dir / "graph.png")
-    files["summary"].write_text(summary_markdown(calibration, metrics, report, engine.graph, plan))
-    return files
 
 
 def summary_markdown(calibration: Calibration, metrics: dict[str, float], report: ModelReport, graph: QuantGraph,
@@ -532,46 +509,8 @@ def summary_markdown(calibration: Calibration, metrics: dict[str, float], report
     return "\n".join(lines) + "\n"
 
 
-def _track(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *, parent_run_id: str | None,
-           register: bool, model_name: str, float_version: str | None) -> QuantizeResult:
-    """Log the run (nested under the float run) and register the int8 segmenter version."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+def _log_int8_segmenter(model_dir: Path) -> str:
+    """Log the int8 segmenter directory as a pyfunc in the active run; returns its URI."""
     from components.segment.model_logging import log_segmenter_model
-    from components.tracking.registry import register_model
-    from components.tracking.setup import configure_mlflow, git_commit
-    from components.tracking.stage import dataset_recipe
 
-    configure_mlflow()
-    client = MlflowClient()
-    float_params = dict(client.get_run(parent_run_id).data.params) if parent_run_id else {}
-    run_tags = {"modelcommons.stage": "quantize", "task": "segmentation", "precision": "int8",
-                "calibrator": str(params["calibrator"]), "backend": str(params["backend"]),
-                "dataset_sha256": manifest.sha256, "git_commit": git_commit(),
-                "float_run_id": parent_run_id or "", "float_version": float_version or ""}
-    with mlflow.start_run(run_name=f"quantize-{params['calibrator']}", parent_run_id=parent_run_id) as run:
-        mlflow.set_tags(run_tags)
-        mlflow.log_params(params)
-        mlflow.log_metrics(result.metrics)
-        for key in ("report_json", "report_png", "graph_json", "graph_png", "calibration", "metrics", "summary"):
-            mlflow.log_artifact(str(result.files[key]))
-        model_uri = log_segmenter_model(result.model_dir)
-        mlflow.set_tag("model_uri", model_uri)
-    quant_run_id = run.info.run_id
-    registration = None
-    if register:
-        tags = {"precision": "int8", "calibrator": params["calibrator"], "float_version": str(float_version),
-                "backend": params["backend"], "task": "segmentation", "quantized_part": "image_encoder",
-                "dataset_sha256": manifest.sha256, "git_commit": run_tags["git_commit"],
-                "float_run_id": parent_run_id or "",
-                "recipe": {"train": float_params, "quantize": params, "dataset": dataset_recipe(manifest)},
-                # metric.miou_box (the registry metric) and metric.miou_point are the deployable model's
-                "metric.miou_point": repr(float(result.metrics[f"{DEPLOY}_miou_point"])),
-                **{f"metric.{k}": repr(float(v)) for k, v in result.metrics.items()
-                   if not k.startswith(f"{DEPLOY}_")}}
-        registration = register_model(model_uri, name=model_name, run_id=quant_run_id, metric="miou_box",
-                                      value=result.metrics[f"{DEPLOY}_miou_box"], tags=tags)
-        client.set_tag(quant_run_id, "registered_model", model_name)
-        client.set_tag(quant_run_id, "registered_version", registration.version)
-    return replace(result, run_id=quant_run_id, model_uri=model_uri, registration=registration)
+    return log_segmenter_model(model_dir)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -44,7 +45,7 @@ from components.data.format import DatasetError, Manifest, read_manifest
 from components.data.loader import Sample, load_samples
 from components.evaluate.coco import coco_map, predict_coco
 from components.models.detector import Detector
-from components.models.files import CONFIG_FILE, WEIGHTS_FILE, ModelFileError
+from components.models.files import CONFIG_FILE, read_config_doc
 from components.models.weights import load_detector
 from components.quantize.calibrate import (
     Calibration,
@@ -65,7 +66,7 @@ from components.quantize.errors import CalibrationError, QuantizeError
 from components.quantize.evaluate import map_by_precision
 from components.quantize.graph import QuantGraph
 from components.quantize.inspector import InspectorSession, ModelReport
-from components.quantize.visualize import model_graph, plot_report, render_graph
+from components.quantize.visualize import ModelGraph, model_graph, plot_report, render_graph
 from components.tracking.resolve import find_model_dir
 
 if TYPE_CHECKING:
@@ -114,13 +115,8 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
     :class:`QuantizeError` for an int8 input model, classes that differ from the dataset's, or bad
     registration arguments.
     """
-    check_method(calibrator, percentile)
-    if calib_images < 1:
-        raise CalibrationError(f"calib_images must be >= 1, got {calib_images}")
-    check_backend(backend)
-    if register and not (track and float_version):
-        raise QuantizeError("register=True needs track=True and the registered float_version it was quantized "
-                            f"from (got track={track}, float_version={float_version!r})")
+    check_arguments(calibrator=calibrator, percentile=percentile, calib_images=calib_images, backend=backend,
+                    register=register, track=track, float_version=float_version)
     model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
     if is_int8_model_dir(model_dir):
         raise QuantizeError(f"{model_dir}: already an int8 model; quantize its float model instead")
@@ -140,18 +136,13 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
     model = load_detector(model_dir).eval()
     manifest = _check_dataset(dataset_dir, model)
     size = img_size or model.config.img_size
-    parent_run_id = run_id
-    if register:
-        assert float_version is not None  # checked above
-        parent_run_id = _check_float_version(model_name, float_version, run_id)
+    parent_run_id = parent_run(run_id, register=register, model_name=model_name, float_version=float_version)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = calibration_batches(dataset_dir, img_size=size, split="train", count=calib_images, seed=seed)
     graph = QuantGraph(model)
-    calibration = calibrate(
-        graph, lambda: tqdm(batches, desc=f"calibrate ({calibrator})", unit="batch", leave=False,
-                            disable=not progress),
-        method=calibrator, percentile=percentile, weight_granularity="per_channel" if per_channel else "per_tensor")
+    calibration = calibrate_graph(graph, batches, calibrator=calibrator, percentile=percentile,
+                                  per_channel=per_channel, progress=progress)
     engine = QuantEngine(graph, calibration)
     int8_path = save_int8_model(model_dir, calibration, Path(int8_dir) if int8_dir else out_dir / "int8_model",
                                 backend=backend, per_channel=per_channel, calibrator=calibrator,
@@ -162,7 +153,8 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
     report = InspectorSession(engine, val[0].image, "int8").report()
     if report.output_error is not None and report.output_error.sqnr_db is not None:
         metrics["report_output_sqnr_db"] = float(report.output_error.sqnr_db)
-    files = _write_files(out_dir, engine, calibration, report, metrics, val[0].image)
+    files = write_files(out_dir, calibration, report, metrics, model_graph(engine, val[0].image[None], "int8"),
+                        summary_markdown(calibration, metrics, report))
 
     result = QuantizeResult(model_dir=int8_path, out_dir=out_dir, calibration=calibration, metrics=metrics,
                             report=report, files=files)
@@ -170,8 +162,9 @@ def run_quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, *, calibrato
         return result
     params = {"calibrator": calibrator, "percentile": percentile, "per_channel": per_channel,
               "calib_images": calibration.images, "img_size": size, "backend": backend, "seed": seed}
-    return _track(result, manifest, params, parent_run_id=parent_run_id, register=register,
-                  model_name=model_name, float_version=float_version)
+    return track_quantize(result, manifest, params, parent_run_id=parent_run_id, register=register,
+                          model_name=model_name, float_version=float_version, task="detection",
+                          log_model=_log_int8_detector, metric="map")
 
 
 QUANTIZABLE_KINDS = ("detector", "segmenter")
@@ -184,29 +177,59 @@ def model_kind(model_dir: Path) -> str:
     the file and value for any other kind.
     """
     path = Path(model_dir) / CONFIG_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelFileError(f"{path}: missing; a model directory needs {CONFIG_FILE} and {WEIGHTS_FILE}") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: not valid JSON: {exc}") from exc
+    doc = read_config_doc(model_dir)
     kind = doc.get("kind") if isinstance(doc, dict) else None
     if kind not in QUANTIZABLE_KINDS:
         raise QuantizeError(f"{path}: field 'kind' is {kind!r}; quantize supports {list(QUANTIZABLE_KINDS)}")
     return str(kind)
 
 
-def _check_dataset(dataset_dir: Path, model: Detector) -> Manifest:
+def check_arguments(*, calibrator: str, percentile: float, calib_images: int, backend: str, register: bool,
+                    track: bool, float_version: str | None) -> None:
+    """The argument checks every quantize flow (detector, segmenter) starts with; see :func:`run_quantize`."""
+    check_method(calibrator, percentile)
+    if calib_images < 1:
+        raise CalibrationError(f"calib_images must be >= 1, got {calib_images}")
+    check_backend(backend)
+    if register and not (track and float_version):
+        raise QuantizeError("register=True needs track=True and the registered float_version it was quantized "
+                            f"from (got track={track}, float_version={float_version!r})")
+
+
+def check_splits(dataset_dir: Path) -> Manifest:
+    """The dataset's manifest; :class:`CalibrationError` / :class:`DatasetError` when train / val is empty."""
     manifest = read_manifest(dataset_dir)
     if not manifest.split.train:
         raise CalibrationError(f"calibration data is empty: dataset {dataset_dir} ({manifest.name!r}) has no "
                                "images in its train split")
     if not manifest.split.val:
         raise DatasetError(f"{dataset_dir}: the val split is empty; quantization is evaluated on it")
+    return manifest
+
+
+def calibrate_graph(graph: QuantGraph, batches: Sequence[torch.Tensor], *, calibrator: str, percentile: float,
+                    per_channel: bool, progress: bool) -> Calibration:
+    """Calibrate ``graph`` on ``batches`` (each Bx3xSxS, the graph's input) with a progress bar."""
+    return calibrate(
+        graph, lambda: tqdm(batches, desc=f"calibrate ({calibrator})", unit="batch", leave=False,
+                            disable=not progress),
+        method=calibrator, percentile=percentile, weight_granularity="per_channel" if per_channel else "per_tensor")
+
+
+def _check_dataset(dataset_dir: Path, model: Detector) -> Manifest:
+    manifest = check_splits(dataset_dir)
     if len(manifest.classes) != model.config.num_classes:
         raise QuantizeError(f"dataset {dataset_dir} has {len(manifest.classes)} classes {manifest.classes}, the "
                             f"model predicts {model.config.num_classes}: evaluate on the dataset it was trained on")
     return manifest
+
+
+def parent_run(run_id: str | None, *, register: bool, model_name: str, float_version: str | None) -> str | None:
+    """The run the quantize run nests under: ``run_id``, or with ``register`` the checked float version's run."""
+    if not register:
+        return run_id
+    assert float_version is not None  # check_arguments: register needs a float_version
+    return _check_float_version(model_name, float_version, run_id)
 
 
 def _check_float_version(name: str, version: str, run_id: str | None) -> str | None:
@@ -251,18 +274,20 @@ def _evaluate(model: Detector, engine: QuantEngine, deployed: Int8Detector, data
     return metrics
 
 
-def _write_files(out_dir: Path, engine: QuantEngine, calibration: Calibration, report: ModelReport,
-                 metrics: dict[str, float], image: torch.Tensor) -> dict[str, Path]:
+def write_files(out_dir: Path, calibration: Calibration, report: ModelReport, metrics: dict[str, float],
+                graph: ModelGraph, summary: str) -> dict[str, Path]:
+    """Write the output files of the module docstring but ``int8_model/``; returns ``{key: path}``
+    (keys ``calibration``, ``metrics``, ``report_json``, ``report_png``, ``graph_json``, ``graph_png``,
+    ``summary``; ``summary`` is the Markdown text of ``summary.md``)."""
     files = {"calibration": save_calibration(calibration, out_dir / "calibration.json"),
              "metrics": out_dir / "metrics.json", "report_json": out_dir / "report.json",
              "graph_json": out_dir / "graph.json", "summary": out_dir / "summary.md"}
     files["metrics"].write_text(json.dumps(metrics, indent=2, sort_keys=True))
     files["report_json"].write_text(report.model_dump_json(indent=2))
-    graph = model_graph(engine, image[None], "int8")
     files["graph_json"].write_text(graph.model_dump_json(indent=2))
     files["report_png"] = plot_report(report, out_dir / "report.png")
     files["graph_png"] = render_graph(graph, out_dir / "graph.png")
-    files["summary"].write_text(summary_markdown(calibration, metrics, report))
+    files["summary"].write_text(summary)
     return files
 
 
@@ -287,13 +312,28 @@ def summary_markdown(calibration: Calibration, metrics: dict[str, float], report
     return "\n".join(lines) + "\n"
 
 
-def _track(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *, parent_run_id: str | None,
-           register: bool, model_name: str, float_version: str | None) -> QuantizeResult:
-    """Log the run (nested under the float run) and register the int8 version."""
+def _log_int8_detector(model_dir: Path) -> str:
+    """Log the int8 detector directory as a pickle-free pyfunc (:mod:`.pyfunc_int8`); returns its URI."""
+    from components.tracking.model_logging import log_detector_model
+
+    return log_detector_model(model_dir, python_model=PYFUNC_INT8)
+
+
+def track_quantize(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *,
+                   parent_run_id: str | None, register: bool, model_name: str, float_version: str | None,
+                   task: str, log_model: Callable[[Path], str], metric: str,
+                   extra_tags: Mapping[str, str] | None = None) -> QuantizeResult:
+    """Log the run (nested under the float run) and register the int8 version; returns ``result`` with
+    ``run_id``, ``model_uri`` and ``registration`` set.
+
+    ``task`` (``"detection"``, ``"segmentation"``) is a run and version tag; ``log_model`` logs
+    ``result.model_dir`` in the active run and returns the model URI; ``metric`` names the registry metric,
+    taken from the deployable model (``deploy_<metric>``); the deployable model's other metrics and the
+    non-deploy metrics become ``metric.<name>`` version tags. ``extra_tags`` are added to the version's tags.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from components.tracking.model_logging import log_detector_model
     from components.tracking.registry import register_model
     from components.tracking.setup import configure_mlflow, git_commit
     from components.tracking.stage import dataset_recipe
@@ -301,33 +341,32 @@ def _track(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *
     configure_mlflow()
     client = MlflowClient()
     float_params = dict(client.get_run(parent_run_id).data.params) if parent_run_id else {}
-    run_tags = {"modelcommons.stage": "quantize", "task": "detection", "precision": "int8",
+    run_tags = {"modelcommons.stage": "quantize", "task": task, "precision": "int8",
                 "calibrator": str(params["calibrator"]), "backend": str(params["backend"]),
                 "dataset_sha256": manifest.sha256, "git_commit": git_commit(),
                 "float_run_id": parent_run_id or "", "float_version": float_version or ""}
-    run_name = f"quantize-{params['calibrator']}"
-    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id) as run:
+    with mlflow.start_run(run_name=f"quantize-{params['calibrator']}", parent_run_id=parent_run_id) as run:
         mlflow.set_tags(run_tags)
         mlflow.log_params(params)
         mlflow.log_metrics(result.metrics)
         for key in ("report_json", "report_png", "graph_json", "graph_png", "calibration", "metrics", "summary"):
             mlflow.log_artifact(str(result.files[key]))
-        model_uri = log_detector_model(result.model_dir, python_model=PYFUNC_INT8)
+        model_uri = log_model(result.model_dir)
         mlflow.set_tag("model_uri", model_uri)
     quant_run_id = run.info.run_id
     registration = None
     if register:
         deploy = {k[len(DEPLOY) + 1:]: v for k, v in result.metrics.items() if k.startswith(f"{DEPLOY}_")}
         tags = {"precision": "int8", "calibrator": params["calibrator"], "float_version": str(float_version),
-                "backend": params["backend"], "task": "detection", "dataset_sha256": manifest.sha256,
+                "backend": params["backend"], "task": task, **(extra_tags or {}), "dataset_sha256": manifest.sha256,
                 "git_commit": run_tags["git_commit"], "float_run_id": parent_run_id or "",
                 "recipe": {"train": float_params, "quantize": params, "dataset": dataset_recipe(manifest)},
-                # metric.map (the registry metric) and metric.map50/map75 are the deployable model's
-                **{f"metric.{k}": repr(float(v)) for k, v in deploy.items() if k != "map"},
+                # metric.<metric> (the registry metric) and the other metric.* of the deployable model
+                **{f"metric.{k}": repr(float(v)) for k, v in deploy.items() if k != metric},
                 **{f"metric.{k}": repr(float(v)) for k, v in result.metrics.items()
                    if not k.startswith(f"{DEPLOY}_")}}
-        registration = register_model(model_uri, name=model_name, run_id=quant_run_id, metric="map",
-                                      value=deploy["map"], tags=tags)
+        registration = register_model(model_uri, name=model_name, run_id=quant_run_id, metric=metric,
+                                      value=deploy[metric], tags=tags)
         client.set_tag(quant_run_id, "registered_model", model_name)
         client.set_tag(quant_run_id, "registered_version", registration.version)
     return replace(result, run_id=quant_run_id, model_uri=model_uri, registration=registration)
