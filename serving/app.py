@@ -389,7 +389,14 @@ def _validation_error(exc: ValidationError, loc: tuple[str, ...]) -> RequestVali
 
 
 def _form_params(form: Any) -> DetectParams | None:
-    """The DetectParams fields sent as multipart text fields (e.g. ``precision``), None when there are none."""
+    """The DetectParams fields sent as multipart text fields (e.g. ``precision``), None when there are none.
+
+    Any other field than ``image`` and those is refused (422): a misspelt option must not be ignored.
+    """
+    unknown = sorted(set(form.keys()) - {"image"} - set(DetectParams.model_fields))
+    if unknown:
+        raise RequestFormatError(f"unknown multipart field(s) {unknown}; send 'image' (a file) and optionally "
+                                 f"{sorted(DetectParams.model_fields)} as text fields")
     fields = {k: v for k, v in form.items() if k in DetectParams.model_fields}
     if not fields:
         return None
