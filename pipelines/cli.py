@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="nano", choices=DETECTOR_PRESETS, help="detector size preset")
     demo.add_argument("--port", type=_port, default=8000)
     demo.add_argument("--segmenter-epochs", type=_positive_int, default=16, help="epochs of the tiny segmenter")
+    demo.add_argument("--no-quantize", action="store_true",
+                      help="skip the int8 detector (quantize step, precision=int8 sample requests)")
 
     # ui
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
@@ -302,7 +304,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoOptions(images=args.images, epochs=args.epochs, preset=args.preset, port=args.port,
                          segmenter_epochs=args.segmenter_epochs, keep_serving=args.keep_serving,
-                         summary=args.summary))
+                         summary=args.summary, quantize=not args.no_quantize))
     return 0
 
 

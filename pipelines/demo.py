@@ -27,6 +27,8 @@ class DemoOptions:
     segmenter_preset: str = "tiny"
     keep_serving: bool = False
     summary: Path | None = None
+    quantize: bool = True  # detector-train's quantize step: an int8 sibling, served with precision=int8
+    calibrator: str = "percentile"  # the best of the four in `bench quantize` on this data
 
 
 @contextmanager
@@ -64,6 +66,7 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
         outputs = run_local("detector-train", {
             "source": str(source), "epochs": options.epochs, "preset": options.preset,
             "img_size": options.image_size, "model_name": "detector",
+            "quantize": options.quantize, "calibrator": options.calibrator,
         }, settings=settings)
     run_id = str(outputs["run_id"])
     version, alias = str(outputs["version"]), str(outputs["alias"])
@@ -85,6 +88,7 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
                       "alias": str(seg["alias"]),
                       "metrics": {"miou_point": float(seg["miou_point"]), "miou_box": float(seg["miou_box"])},
                       "outputs": []},
+        "int8": _int8_version(version, settings) if options.quantize else None,
         "endpoint": "",
         "timings_s": timings,
         "outputs": [],
@@ -111,6 +115,13 @@ def run_demo(options: DemoOptions, *, settings: Settings | None = None) -> dict[
                 png_path = out_dir / f"{Path(info['file_name']).stem}.detections.png"
                 png_path.write_bytes(resp.content)
                 summary["outputs"] += [str(json_path), str(png_path)]
+                if summary["int8"] is not None:
+                    resp = client.post("/v1/detect", data={"precision": "int8"},
+                                       files={"image": (info["file_name"], data, "image/png")})
+                    resp.raise_for_status()
+                    int8_path = out_dir / f"{Path(info['file_name']).stem}.detections.int8.json"
+                    int8_path.write_text(json.dumps(resp.json(), indent=2))
+                    summary["int8"]["outputs"].append(str(int8_path))
                 summary["segmenter"]["outputs"] += _segment_sample(client, dataset_dir, info, out_dir)
         timings["total"] = round(time.perf_counter() - started, 2)
         summary_path = options.summary or (out_dir / "summary.json")
@@ -188,6 +199,27 @@ def _dataset_sha(run_id: str, settings: Settings) -> str:
     return str(MlflowClient().get_run(run_id).data.tags.get("dataset_sha256", ""))
 
 
+def _int8_version(float_version: str, settings: Settings) -> dict[str, Any]:
+    """The int8 sibling the quantize step registered for ``detector`` version ``float_version``."""
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking.setup import configure_mlflow
+
+    configure_mlflow(settings)
+    found = MlflowClient().search_model_versions(
+        f"name = 'detector' AND tags.precision = 'int8' AND tags.float_version = '{float_version}'")
+    if not found:
+        raise RuntimeError(f"the quantize step registered no int8 version of detector version {float_version}")
+    mv = max(found, key=lambda v: int(v.version))
+    tags = mv.tags
+    return {"model": "detector", "version": str(mv.version), "float_version": float_version,
+            "calibrator": tags["calibrator"], "backend": tags["backend"],
+            "metrics": {"map50": float(tags["metric.map50"]), "float_map50": float(tags["metric.float_map50"]),
+                        "hybrid_map50": float(tags["metric.hybrid_map50"]),
+                        "int8_engine_map50": float(tags["metric.int8_map50"])},
+            "outputs": []}
+
+
 def _print_report(summary: dict[str, Any], settings: Settings) -> None:
     det = summary["detector"]
     print("\n== ModelCommons demo ==")
@@ -198,9 +230,15 @@ def _print_report(summary: dict[str, Any], settings: Settings) -> None:
     print(f"segmenter {seg['model']} v{seg['version']} ({seg['alias']})  "
           f"mIoU(point)={seg['metrics']['miou_point']:.3f}  mIoU(box)={seg['metrics']['miou_box']:.3f}  "
           f"run={seg['run_id']}")
+    if (q := summary.get("int8")) is not None:
+        m = q["metrics"]
+        print(f"int8      {q['model']} v{q['version']} (from v{q['float_version']}, {q['calibrator']}, "
+              f"{q['backend']})  "
+              f"mAP@.5 float={m['float_map50']:.3f} hybrid={m['hybrid_map50']:.3f} "
+              f"int8={m['int8_engine_map50']:.3f} deployed={m['map50']:.3f}")
     print(f"endpoint  {summary['endpoint']}/v1/detect, {summary['endpoint']}/v1/segment")
     print("timings   " + ", ".join(f"{k}={v}s" for k, v in summary["timings_s"].items()))
-    files = summary["outputs"] + seg["outputs"]
+    files = summary["outputs"] + seg["outputs"] + (summary["int8"] or {}).get("outputs", [])
     print(f"outputs   {len(files)} files in {Path(files[0]).parent}" if files else "outputs   none")
     print(f"summary   {summary.get('summary_path')}")
     print(f"MLflow UI: run `modelcommons ui` and open http://127.0.0.1:5000 (store: {settings.effective_tracking_uri})")

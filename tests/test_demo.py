@@ -46,6 +46,18 @@ def test_demo_trains_registers_serves_and_writes_outputs(tmp_path: Path) -> None
         for d in body["detections"]:
             x1, y1, x2, y2 = d["box"]
             assert 0 <= x1 <= x2 <= body["width"] and 0 <= y1 <= y2 <= body["height"]
+    # The int8 sibling: registered by detector-train's quantize step, served beside the float version.
+    q = summary["int8"]
+    assert (q["model"], q["version"], q["float_version"], q["calibrator"], q["backend"]) == (
+        "detector", "2", "1", "percentile", "x86")
+    assert q["metrics"]["float_map50"] == det["metrics"]["map50"] or abs(
+        q["metrics"]["float_map50"] - det["metrics"]["map50"]) < 1e-6
+    assert all(0.0 <= v <= 1.0 for v in q["metrics"].values())
+    assert len(q["outputs"]) == 4
+    for js in q["outputs"]:
+        body = json.loads(Path(js).read_text())
+        assert (body["precision"], body["version"], body["calibrator"]) == ("int8", "2", "percentile")
+    assert "int8      detector v2" in proc.stdout
     assert "modelcommons ui" in proc.stdout
     assert (home / "mlflow.db").is_file()
 
