@@ -80,14 +80,19 @@ def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     out: COCO polygons are filled, the RLE carries the holes.
     """
     m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if not m.any():
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
         return []
-    z = np.pad(m.astype(np.float64), 1)  # zero border: every region gets a closed boundary
+    # Contour only the mask's bounding box: a small object in a large image costs what the object costs.
+    y0, x0 = int(rows[0]), int(cols[0])
+    crop = m[y0:int(rows[-1]) + 1, x0:int(cols[-1]) + 1]
+    z = np.pad(crop.astype(np.float64), 1)  # zero border: every region gets a closed boundary
     filled = contour_generator(z=z, fill_type=FillType.OuterOffset).filled(0.5, 2.0)
     points, offsets = cast(tuple[list[np.ndarray], list[np.ndarray]], filled)  # OuterOffset: (points, offsets)
+    shift = np.array([x0 - 0.5, y0 - 0.5])  # -1 pad + 0.5 pixel centre, then back to image coordinates
     polygons: list[list[float]] = []
     for pts, offs in zip(points, offsets, strict=True):
-        outer = pts[int(offs[0]):int(offs[1])] - 0.5  # ring 0 is the outer boundary; -1 pad + 0.5 centre
+        outer = pts[int(offs[0]):int(offs[1])] + shift  # ring 0 is the outer boundary
         if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
             outer = outer[:-1]  # COCO polygons are implicitly closed
         if len(outer) >= 3:

@@ -148,6 +148,17 @@ def test_polygon_follows_the_pixel_edges() -> None:
     assert mask_polygons(torch.zeros(4, 4, dtype=torch.bool)) == []
 
 
+def test_polygon_of_a_small_object_in_a_large_image_is_in_image_coordinates() -> None:
+    # Only the object's bounding box is contoured; the answer must not depend on that.
+    mask = torch.zeros(1080, 1920, dtype=torch.bool)
+    mask[1076:1080, 1915:1920] = True  # touches the bottom-right corner: x edges 1915 and 1920, y 1076 and 1080
+    (polygon,) = mask_polygons(mask)
+    xs, ys = np.array(polygon[0::2]), np.array(polygon[1::2])
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (1915, 1920, 1076, 1080)
+    raster = mask_utils.decode(mask_utils.frPyObjects([polygon], 1080, 1920)).astype(bool)[..., 0]
+    assert (raster & mask.numpy()).sum() / (raster | mask.numpy()).sum() > 0.8
+
+
 def test_label_and_blended_pngs() -> None:
     masks = _masks()
     label = hard_segmentation(masks)
