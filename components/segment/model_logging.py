@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from components.tracking.model_logging import log_pyfunc_model
+
 PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_segmenter.py"
-MODEL_ARTIFACT_NAME = "model"
 
 
 def segmenter_signature() -> ModelSignature:
@@ -29,18 +28,5 @@ def segmenter_signature() -> ModelSignature:
 
 def log_segmenter_model(model_dir: Path) -> str:
     """Log ``model_dir`` in the active run; return the model URI (no input example: it would run the model)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        requirement = f"modelcommons=={version('modelcommons')}"
-    except PackageNotFoundError:
-        requirement = "modelcommons"
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT_NAME,
-        python_model=str(PYFUNC_CODE),
-        artifacts={"segmenter": str(model_dir)},
-        signature=segmenter_signature(),
-        pip_requirements=[requirement, f"torch=={torch.__version__.split('+')[0]}", "safetensors",
-                          "segment-anything", "pycocotools"],
-    )
-    return str(info.model_uri)
+    return log_pyfunc_model(model_dir, python_model=PYFUNC_CODE, artifact="segmenter",
+                            signature=segmenter_signature(), extra_requirements=("segment-anything", "pycocotools"))

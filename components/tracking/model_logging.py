@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -22,12 +23,14 @@ def detector_signature() -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_detector_model(model_dir: Path, *, python_model: Path = PYFUNC_CODE) -> str:
-    """Log ``model_dir`` (config.json + model.safetensors) in the active run; return the model URI.
+def log_pyfunc_model(model_dir: Path, *, python_model: Path, artifact: str, signature: ModelSignature,
+                     extra_requirements: Sequence[str] = ()) -> str:
+    """Log ``model_dir`` as a models-from-code pyfunc in the active run; return the model URI.
 
-    ``python_model`` is the models-from-code file that loads the ``detector`` artifact (the float
-    detector by default; ``components/quantize/pyfunc_int8.py`` for an int8 model directory).
-    No input example: MLflow would re-run the model to validate it, which costs ~20 s per run here.
+    ``python_model`` is the code file that loads the directory from its ``artifact`` key; the model
+    directory itself is the artifact, so nothing is pickled. Requirements: this package at its installed
+    version, the running torch, safetensors, and ``extra_requirements``. No input example: MLflow would
+    re-run the model to validate it, which costs ~20 s per run here.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -38,8 +41,19 @@ def log_detector_model(model_dir: Path, *, python_model: Path = PYFUNC_CODE) -> 
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_NAME,
         python_model=str(python_model),
-        artifacts={"detector": str(model_dir)},
-        signature=detector_signature(),
-        pip_requirements=[requirement, f"torch=={torch.__version__.split('+')[0]}", "safetensors"],
+        artifacts={artifact: str(model_dir)},
+        signature=signature,
+        pip_requirements=[requirement, f"torch=={torch.__version__.split('+')[0]}", "safetensors",
+                          *extra_requirements],
     )
     return str(info.model_uri)
+
+
+def log_detector_model(model_dir: Path, *, python_model: Path = PYFUNC_CODE) -> str:
+    """Log ``model_dir`` (config.json + model.safetensors) in the active run; return the model URI.
+
+    ``python_model`` is the models-from-code file that loads the ``detector`` artifact (the float
+    detector by default; ``components/quantize/pyfunc_int8.py`` for an int8 model directory).
+    """
+    return log_pyfunc_model(model_dir, python_model=python_model, artifact="detector",
+                            signature=detector_signature())
