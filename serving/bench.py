@@ -18,9 +18,6 @@ Headline figures at the JSON top level:
 from __future__ import annotations
 
 import io
-import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
-from serving.loadgen import LoadStats, percentile, run_load
+from serving.loadgen import LoadStats, environment, percentile, run_load, write_report
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench"
@@ -159,10 +156,6 @@ def bench_serve(args: ServeArgs, *, requests_per_level: int, out: Path) -> dict[
         "settings": {"requests_per_level": requests_per_level, "num_cpus": args.num_cpus,
                      "num_gpus": args.num_gpus, "replicas": args.replicas,
                      "batch_wait_timeout_s": args.batch_wait_timeout_s, "torch_threads": threads},
-        "environment": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "torch": torch.__version__, "ray": ray.__version__},
+        "environment": environment(),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, out)

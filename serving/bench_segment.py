@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +36,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
-from serving.loadgen import LoadStats, Send, percentile, run_load
+from serving.loadgen import LoadStats, Send, environment, percentile, run_load, write_report
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench-segment"
@@ -206,10 +204,6 @@ def bench_segment(args: ServeArgs, *, requests: int, out: Path) -> dict[str, Any
                      args.segmenter_num_cpus, "max_batch_size": args.max_batch_size,
                      "encoder_batch_wait_timeout_s": args.batch_wait_timeout_s,
                      "torch_threads": results["threads"]},
-        "environment": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "torch": torch.__version__, "ray": ray.__version__},
+        "environment": environment(),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(report, out)

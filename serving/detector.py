@@ -101,8 +101,7 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        # A plain directory has no registry name; its folder name is the next best handle.
-        return self.resolved.name or self.resolved.local_dir.name
+        return self.resolved.display_name
 
     @property
     def class_names(self) -> list[str]:

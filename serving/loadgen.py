@@ -11,11 +11,15 @@ request handling, not connection set-up.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypedDict
+from pathlib import Path
+from typing import Any, TypedDict
 
 import httpx
 import numpy as np
@@ -88,3 +92,20 @@ def run_load(send: Send, *, requests: int, concurrency: int, warmup: int = 0, ti
             "errors": float(len(results) - len(latencies)),
             "p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
             "throughput_rps": len(latencies) / wall, "wall_s": wall}
+
+
+def environment() -> dict[str, Any]:
+    """What a benchmark ran on: CPU count and Python, torch and Ray versions."""
+    import ray
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__}
+
+
+def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write ``report`` as indented JSON to ``out`` (parents created) and return it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report

@@ -171,7 +171,7 @@ class LoadedSegmenter:
 
     @property
     def name(self) -> str:
-        return self.resolved.name or self.resolved.local_dir.name
+        return self.resolved.display_name
 
     @property
     def img_size(self) -> int:

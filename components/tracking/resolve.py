@@ -32,6 +32,11 @@ class ResolvedModel:
     run_id: str | None = None
     precision: str = "float"
 
+    @property
+    def display_name(self) -> str:
+        """The registered name; for a plain directory (no registry name) its folder name."""
+        return self.name or self.local_dir.name
+
 
 def find_model_dir(root: Path) -> Path:
     """The directory under ``root`` holding ``config.json`` and ``model.safetensors``."""
