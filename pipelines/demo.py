@@ -201,16 +201,13 @@ def _dataset_sha(run_id: str, settings: Settings) -> str:
 
 def _int8_version(float_version: str, settings: Settings) -> dict[str, Any]:
     """The int8 sibling the quantize step registered for ``detector`` version ``float_version``."""
-    from mlflow.tracking import MlflowClient
-
+    from components.tracking.registry import find_int8_version
     from components.tracking.setup import configure_mlflow
 
     configure_mlflow(settings)
-    found = MlflowClient().search_model_versions(
-        f"name = 'detector' AND tags.precision = 'int8' AND tags.float_version = '{float_version}'")
-    if not found:
+    mv = find_int8_version("detector", float_version)
+    if mv is None:
         raise RuntimeError(f"the quantize step registered no int8 version of detector version {float_version}")
-    mv = max(found, key=lambda v: int(v.version))
     tags = mv.tags
     return {"model": "detector", "version": str(mv.version), "float_version": float_version,
             "calibrator": tags["calibrator"], "backend": tags["backend"],

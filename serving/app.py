@@ -265,24 +265,17 @@ async def _bad_image(_: Request, exc: BadImageError) -> JSONResponse:
     return _error(exc.status_code, str(exc))
 
 
-@app.exception_handler(UnknownModelError)
-async def _unknown_model(_: Request, exc: UnknownModelError) -> JSONResponse:
-    return _error(UnknownModelError.status_code, str(_cause(exc)))
+# Errors raised in a model deployment whose class carries its HTTP status (Ray may wrap them).
+DEPLOYMENT_ERRORS = (UnknownModelError, UnknownImageError, PromptError, PrecisionUnavailableError)
 
 
-@app.exception_handler(UnknownImageError)
-async def _unknown_image(_: Request, exc: UnknownImageError) -> JSONResponse:
-    return _error(UnknownImageError.status_code, str(_cause(exc)))
+async def _deployment_error(_: Request, exc: Exception) -> JSONResponse:
+    # The handler was chosen by exc's class, so exc (wrapped or not) is one of DEPLOYMENT_ERRORS.
+    return _error(next(kind.status_code for kind in DEPLOYMENT_ERRORS if isinstance(exc, kind)), str(_cause(exc)))
 
 
-@app.exception_handler(PromptError)
-async def _bad_prompt(_: Request, exc: PromptError) -> JSONResponse:
-    return _error(PromptError.status_code, str(_cause(exc)))
-
-
-@app.exception_handler(PrecisionUnavailableError)
-async def _precision_unavailable(_: Request, exc: PrecisionUnavailableError) -> JSONResponse:
-    return _error(PrecisionUnavailableError.status_code, str(_cause(exc)))
+for _kind in DEPLOYMENT_ERRORS:
+    app.add_exception_handler(_kind, _deployment_error)
 
 
 # Most specific first: SessionError is also a KeyError, LayerIndexError an IndexError.

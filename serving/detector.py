@@ -156,21 +156,14 @@ class Int8Variant:
 
 
 def find_int8_version(name: str, float_version: str, *, settings: Settings | None = None) -> str | None:
-    """The newest version of registered model ``name`` tagged ``precision=int8`` and
-    ``float_version=<float_version>`` (as a string), or None when there is none."""
-    from mlflow.tracking import MlflowClient
-
+    """The newest int8 version of ``name`` quantized from ``float_version``
+    (:func:`components.tracking.registry.find_int8_version`), or None when there is none."""
+    from components.tracking.registry import find_int8_version as find
     from components.tracking.setup import configure_mlflow
 
     configure_mlflow(settings)
-    # Tags are filtered here, not in the filter string: a name is quoted once, values need no escaping.
-    escaped = name.replace("'", "\\'")
-    versions = [mv for mv in MlflowClient().search_model_versions(f"name = '{escaped}'")
-                if mv.name == name and (mv.tags or {}).get("precision") == "int8"
-                and str((mv.tags or {}).get("float_version")) == str(float_version)]
-    if not versions:
-        return None
-    return str(max(int(mv.version) for mv in versions))
+    found = find(name, float_version)
+    return None if found is None else str(found.version)
 
 
 def int8_sibling_uri(resolved: ResolvedModel, *, settings: Settings | None = None) -> str | None:
@@ -184,13 +177,14 @@ def int8_sibling_uri(resolved: ResolvedModel, *, settings: Settings | None = Non
 
 
 def find_int8_dir(root: Path) -> Path:
-    """The int8 model directory (holding ``quantization.json``) at or under ``root``."""
-    from components.models.files import find_dir
-    from components.quantize.deploy import QUANT_FILE, is_int8_model_dir
+    """:func:`components.quantize.deploy.find_int8_dir`, failing as a :class:`ModelLoadError`."""
+    from components.quantize.deploy import Int8ModelError
+    from components.quantize.deploy import find_int8_dir as find
 
-    if (found := find_dir(root, QUANT_FILE, is_int8_model_dir)) is None:
-        raise ModelLoadError(f"{root}: no int8 model directory ({QUANT_FILE} with its model files) under it")
-    return found
+    try:
+        return find(root)
+    except Int8ModelError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def load_int8_variant(uri: str, *, source: str) -> Int8Variant:
@@ -205,19 +199,8 @@ def load_int8_variant(uri: str, *, source: str) -> Int8Variant:
         model = load_int8_model(local)  # quantized kernels: CPU only, whatever the float model runs on
     except Exception as exc:  # registry, files or kernels: the int8 version cannot serve
         raise ModelLoadError(f"detector could not load int8 model {uri!r}: {type(exc).__name__}: {exc}") from exc
-    float_version = None
-    if resolved.name and resolved.version:
-        float_version = _float_version_tag(resolved.name, resolved.version)
     return Int8Variant(model=model, resolved=resolved, local_dir=local, calibrator=str(spec.calibrator),
-                       backend=str(spec.backend), float_version=float_version, source=source)
-
-
-def _float_version_tag(name: str, version: str) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    tags = MlflowClient().get_model_version(name, version).tags or {}
-    value = tags.get("float_version")
-    return None if value is None else str(value)
+                       backend=str(spec.backend), float_version=resolved.float_version, source=source)
 
 
 def load_int8_for(loaded: LoadedModel, int8_model_uri: str | None) -> tuple[Int8Variant | None, str | None]:

@@ -20,9 +20,12 @@ from mlflow.pyfunc import PythonModel
 class DetectorPyfunc(PythonModel):
     def load_context(self, context: Any) -> None:
         from components.models.weights import load_detector
+        from components.quantize.deploy import is_int8_model_dir, load_int8_model
         from components.tracking.resolve import find_model_dir
 
-        self.model = load_detector(find_model_dir(Path(context.artifacts["detector"])))
+        model_dir = find_model_dir(Path(context.artifacts["detector"]))
+        # An int8 version (quantization.json beside the float files) runs on PyTorch's int8 kernels.
+        self.model = load_int8_model(model_dir) if is_int8_model_dir(model_dir) else load_detector(model_dir)
 
     def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
         # Untyped on purpose: MLflow would otherwise derive a second signature from the hints.

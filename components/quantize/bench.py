@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -123,7 +123,6 @@ def bench_quantize(out: Path, *, model_dir: Path, model_uri: str | None = None, 
     """
     from components.data.loader import load_samples
     from components.evaluate.coco import coco_map, predict_coco
-    from components.models.detector import Detector
     from components.models.weights import load_detector
     from components.quantize.calibrate import calibrate, calibration_batches, check_method
     from components.quantize.deploy import check_backend, load_int8_model, save_int8_model
@@ -161,14 +160,12 @@ def bench_quantize(out: Path, *, model_dir: Path, model_uri: str | None = None, 
             for method in calibrators:
                 log(f"{method}: calibrating on {sum(b.shape[0] for b in batches)} images, scoring hybrid/int8/deploy")
                 calibration = calibrate(graph, batches, method=method)
-                maps = map_by_precision(model, QuantEngine(graph, calibration), data_dir, val,
-                                        precisions=("hybrid", "int8"))
                 int8_dir = save_int8_model(model_dir, calibration, tmp / f"int8-{method}", backend=backend,
                                            calibrator=method)
                 deployed[method] = load_int8_model(int8_dir)
-                deploy_map50 = coco_map(data_dir, ids, predict_coco(cast(Detector, deployed[method]), val))["map50"]
-                table[method] = {"float": float_map50, "hybrid": maps["hybrid"]["map50"],
-                                 "int8": maps["int8"]["map50"], "deploy": deploy_map50}
+                maps = map_by_precision(model, QuantEngine(graph, calibration), data_dir, val,
+                                        precisions=("hybrid", "int8", "deploy"), deployed=deployed[method])
+                table[method] = {"float": float_map50, **{k: v["map50"] for k, v in maps.items()}}
             best = max(calibrators, key=lambda m: table[m]["deploy"])  # first wins ties (CALIBRATORS order)
             fused = copy.deepcopy(model).fuse()  # the fair float baseline: BN folded too
             images = torch.stack([s.image for s in val[:8]])

@@ -38,7 +38,6 @@ An int8 model directory holds the float model files (``config.json`` + ``model.s
 from __future__ import annotations
 
 import copy
-import hashlib
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,7 +51,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import fx, nn
 
+from components.data.format import sha256_file
 from components.models.detector import Detections, Detector, DetectorConfig
+from components.models.files import find_dir
 from components.models.weights import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_detector
 from components.quantize.calibrate import CALIBRATORS, Calibration, TensorRange
 from components.quantize.engine import quantize_weight
@@ -449,18 +450,17 @@ class Int8Detector:
 # --------------------------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_int8_model_dir(path: Path) -> bool:
     """True when ``path`` holds ``quantization.json`` next to the float model files."""
     path = Path(path)
     return all((path / name).is_file() for name in (QUANT_FILE, CONFIG_FILE, WEIGHTS_FILE))
+
+
+def find_int8_dir(root: Path) -> Path:
+    """The int8 model directory (``quantization.json`` with its model files) at or under ``root``."""
+    if (found := find_dir(root, QUANT_FILE, is_int8_model_dir)) is None:
+        raise Int8ModelError(f"{root}: no int8 model directory ({QUANT_FILE} with its model files) under it")
+    return found
 
 
 def save_int8_model(model_dir: Path, calibration: Calibration, out_dir: Path, *, backend: str = "x86",
@@ -492,7 +492,7 @@ def save_int8_model(model_dir: Path, calibration: Calibration, out_dir: Path, *,
         else (percentile if calibrator == "percentile" else None),
         per_channel=per_channel, power_of_two=calibration.power_of_two, activations=calibration.activations,
         unclipped=calibration.unclipped, calibration_images=calibration.images,
-        weights_sha256=_sha256(out_dir / WEIGHTS_FILE), img_size=model.config.img_size,
+        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE), img_size=model.config.img_size,
         fixed_range=export.fixed_range)
     (out_dir / QUANT_FILE).write_text(spec.model_dump_json(indent=2))
     return out_dir
@@ -536,7 +536,7 @@ def load_int8_model(path: Path, *, device: torch.device | None = None) -> Int8De
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise Int8ModelError(f"{weights}: missing; the int8 model is rebuilt from the float weights")
-    actual = _sha256(weights)
+    actual = sha256_file(weights)
     if actual != spec.weights_sha256:
         raise Int8ModelError(f"{path / QUANT_FILE}: field weights_sha256 {spec.weights_sha256} does not match "
                              f"{weights} (sha256 {actual}); the ranges were calibrated for other weights")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -13,6 +13,9 @@ from components.evaluate.coco import coco_map, predict_coco
 from components.models.detector import Detections, Detector
 from components.quantize.engine import Precision, QuantEngine
 from components.quantize.metrics import ErrorStats, error_stats
+
+if TYPE_CHECKING:
+    from components.quantize.deploy import Int8Detector
 
 
 class EngineDetector:
@@ -35,13 +38,20 @@ class EngineDetector:
 
 
 def map_by_precision(model: Detector, engine: QuantEngine, dataset_dir: Path, samples: Sequence[Sample], *,
-                     precisions: Sequence[str] = ("float", "hybrid", "int8")) -> dict[str, dict[str, float]]:
-    """COCO ``map``/``map50``/``map75`` of ``samples`` (from ``dataset_dir``) for each precision."""
+                     precisions: Sequence[str] = ("float", "hybrid", "int8"),
+                     deployed: Int8Detector | None = None) -> dict[str, dict[str, float]]:
+    """COCO ``map``/``map50``/``map75`` of ``samples`` (from ``dataset_dir``) for each precision.
+
+    ``"deploy"`` among ``precisions`` scores ``deployed``, the model on PyTorch's int8 kernels.
+    """
+    if "deploy" in precisions and deployed is None:
+        raise ValueError("precision 'deploy' needs the deployed int8 model (deployed=)")
     ids = [s.image_id for s in samples]
     out: dict[str, dict[str, float]] = {}
     for precision in precisions:
         # predict_coco is typed for Detector but only calls eval() and predict().
-        detector = model if precision == "float" else cast(Detector, EngineDetector(model, engine, precision))
+        detector = (model if precision == "float" else cast(Detector, deployed) if precision == "deploy"
+                    else cast(Detector, EngineDetector(model, engine, precision)))
         out[precision] = coco_map(dataset_dir, ids, predict_coco(detector, samples))
     return out
 

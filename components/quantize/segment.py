@@ -59,6 +59,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention, Block, add_decomposed_rel_pos
 from torch import fx, nn
 
+from components.data.format import sha256_file
 from components.models.files import CONFIG_FILE, WEIGHTS_FILE
 from components.quantize.calibrate import CALIBRATORS, Calibration
 from components.quantize.deploy import (
@@ -66,7 +67,6 @@ from components.quantize.deploy import (
     Backend,
     Int8ModelError,
     Int8Spec,
-    _sha256,
     check_backend,
     export_module_int8,
     read_int8_spec,
@@ -76,7 +76,7 @@ from components.quantize.engine import Precision, QuantEngine, int8_precisions
 from components.quantize.errors import CalibrationError, QuantizeError
 from components.quantize.graph import QuantGraph
 from components.quantize.inspector import InspectorSession, ModelReport
-from components.quantize.metrics import ErrorStats, error_stats
+from components.quantize.metrics import error_stats
 from components.quantize.visualize import model_graph
 from components.segment.data import SegSample, load_seg_samples
 from components.segment.evaluate import evaluate_segmenter
@@ -304,12 +304,6 @@ def miou_by_precision(model: Sam, engine: QuantEngine, samples: Sequence[SegSamp
     return out
 
 
-@torch.no_grad()
-def encoder_error(model: Sam, engine: QuantEngine, images: torch.Tensor, precision: str) -> ErrorStats:
-    """Embedding error (SQNR, cosine, MSE) of ``engine`` in ``precision`` against the float encoder."""
-    return error_stats(model.image_encoder(images), engine.run(images, engine_precisions(engine, precision)))
-
-
 # ------------------------------------------------------------------------------------------ deploy
 
 
@@ -369,7 +363,7 @@ def save_int8_segmenter(model_dir: Path, calibration: Calibration, out_dir: Path
         else (percentile if calibrator == "percentile" else None),
         per_channel=per_channel, power_of_two=calibration.power_of_two, activations=calibration.activations,
         unclipped=calibration.unclipped, calibration_images=calibration.images,
-        weights_sha256=_sha256(out_dir / WEIGHTS_FILE), img_size=config.img_size)
+        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE), img_size=config.img_size)
     (out_dir / QUANT_FILE).write_text(spec.model_dump_json(indent=2))
     return out_dir
 
@@ -387,7 +381,7 @@ def load_int8_segmenter(path: Path) -> Int8Segmenter:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise Int8ModelError(f"{weights}: missing; the int8 model is rebuilt from the float weights")
-    if (actual := _sha256(weights)) != spec.weights_sha256:
+    if (actual := sha256_file(weights)) != spec.weights_sha256:
         raise Int8ModelError(f"{path / QUANT_FILE}: field weights_sha256 {spec.weights_sha256} does not match "
                              f"{weights} (sha256 {actual}); the ranges were calibrated for other weights")
     model, config = load_segmenter(path)

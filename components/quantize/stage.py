@@ -36,14 +36,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from components.data.format import DatasetError, Manifest, read_manifest
 from components.data.loader import Sample, load_samples
-from components.evaluate.coco import coco_map, predict_coco
 from components.models.detector import Detector
 from components.models.files import CONFIG_FILE, read_config_doc
 from components.models.weights import load_detector
@@ -74,7 +73,6 @@ if TYPE_CHECKING:
 
 ENGINE_PRECISIONS = ("float", "hybrid", "int8")
 DEPLOY = "deploy"  # metric prefix of the deployable int8 model (real int8 kernels)
-PYFUNC_INT8 = Path(__file__).resolve().parent / "pyfunc_int8.py"
 
 
 @dataclass(frozen=True)
@@ -260,16 +258,12 @@ def _evaluate(model: Detector, engine: QuantEngine, deployed: Int8Detector, data
     metrics: dict[str, float] = {}
     with tqdm(total=len(ENGINE_PRECISIONS) + 1, desc="evaluate mAP", unit="model", leave=False,
               disable=not progress) as bar:
-        for precision in ENGINE_PRECISIONS:
+        for precision in (*ENGINE_PRECISIONS, DEPLOY):
             bar.set_postfix_str(precision)
-            values = map_by_precision(model, engine, dataset_dir, val, precisions=(precision,))[precision]
+            values = map_by_precision(model, engine, dataset_dir, val, precisions=(precision,),
+                                      deployed=deployed)[precision]
             metrics.update({f"{precision}_{k}": v for k, v in values.items()})
             bar.update()
-        bar.set_postfix_str(DEPLOY)
-        # predict_coco is typed for Detector but only calls eval() and predict().
-        values = coco_map(dataset_dir, [s.image_id for s in val], predict_coco(cast(Detector, deployed), val))
-        metrics.update({f"{DEPLOY}_{k}": v for k, v in values.items()})
-        bar.update()
     metrics["map50_drop"] = 100.0 * (metrics["float_map50"] - metrics[f"{DEPLOY}_map50"])
     return metrics
 
@@ -313,10 +307,10 @@ def summary_markdown(calibration: Calibration, metrics: dict[str, float], report
 
 
 def _log_int8_detector(model_dir: Path) -> str:
-    """Log the int8 detector directory as a pickle-free pyfunc (:mod:`.pyfunc_int8`); returns its URI."""
+    """Log the int8 detector directory as a pickle-free pyfunc (the detector's, which loads it as int8)."""
     from components.tracking.model_logging import log_detector_model
 
-    return log_detector_model(model_dir, python_model=PYFUNC_INT8)
+    return log_detector_model(model_dir)
 
 
 def track_quantize(result: QuantizeResult, manifest: Manifest, params: dict[str, Any], *,

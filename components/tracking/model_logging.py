@@ -49,11 +49,7 @@ def log_pyfunc_model(model_dir: Path, *, python_model: Path, artifact: str, sign
     return str(info.model_uri)
 
 
-def log_detector_model(model_dir: Path, *, python_model: Path = PYFUNC_CODE) -> str:
-    """Log ``model_dir`` (config.json + model.safetensors) in the active run; return the model URI.
-
-    ``python_model`` is the models-from-code file that loads the ``detector`` artifact (the float
-    detector by default; ``components/quantize/pyfunc_int8.py`` for an int8 model directory).
-    """
-    return log_pyfunc_model(model_dir, python_model=python_model, artifact="detector",
-                            signature=detector_signature())
+def log_detector_model(model_dir: Path) -> str:
+    """Log ``model_dir`` (config.json + model.safetensors, plus quantization.json for an int8 model) in the
+    active run; return the model URI. The pyfunc loads an int8 directory with its int8 kernels."""
+    return log_pyfunc_model(model_dir, python_model=PYFUNC_CODE, artifact="detector", signature=detector_signature())

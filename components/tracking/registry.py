@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -77,3 +78,17 @@ def register_model(model_uri: str, *, name: str, run_id: str, metric: str, value
     client.set_model_version_tag(name, mv.version, "alias_at_registration", alias)
     return Registration(name=name, version=str(mv.version), alias=alias, metric=metric, value=float(value),
                         previous_champion=previous, previous_value=previous_value)
+
+
+def find_int8_version(name: str, float_version: str) -> ModelVersion | None:
+    """The newest version of registered model ``name`` tagged ``precision=int8`` and
+    ``float_version=<float_version>`` (the quantize stage's convention), or None when there is none.
+
+    MLflow must be configured (:func:`components.tracking.setup.configure_mlflow`).
+    """
+    # Tags are filtered here, not in the filter string: a name is quoted once, values need no escaping.
+    escaped = name.replace("'", "\\'")
+    versions = [mv for mv in MlflowClient().search_model_versions(f"name = '{escaped}'")
+                if mv.name == name and (mv.tags or {}).get("precision") == "int8"
+                and str((mv.tags or {}).get("float_version")) == str(float_version)]
+    return max(versions, key=lambda mv: int(mv.version), default=None)

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.models.files import find_dir
 from components.models.weights import CONFIG_FILE, WEIGHTS_FILE
 from components.settings import Settings, get_settings
 
@@ -31,6 +32,7 @@ class ResolvedModel:
     alias: str | None = None
     run_id: str | None = None
     precision: str = "float"
+    float_version: str | None = None  # an int8 version's float_version tag: the version it was quantized from
 
     @property
     def display_name(self) -> str:
@@ -38,14 +40,15 @@ class ResolvedModel:
         return self.name or self.local_dir.name
 
 
+def is_model_dir(path: Path) -> bool:
+    """True when ``path`` holds ``config.json`` and ``model.safetensors``."""
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
 def find_model_dir(root: Path) -> Path:
     """The directory under ``root`` holding ``config.json`` and ``model.safetensors``."""
-    root = Path(root)
-    if (root / CONFIG_FILE).is_file() and (root / WEIGHTS_FILE).is_file():
-        return root
-    for cfg in sorted(root.rglob(CONFIG_FILE)):
-        if (cfg.parent / WEIGHTS_FILE).is_file():
-            return cfg.parent
+    if (found := find_dir(root, CONFIG_FILE, is_model_dir)) is not None:
+        return found
     raise ModelNotFoundError(f"{root}: no {CONFIG_FILE} with {WEIGHTS_FILE} beside it")
 
 
@@ -104,7 +107,8 @@ def resolve_model(uri: str, *, settings: Settings | None = None) -> ResolvedMode
         aliases = list(getattr(mv, "aliases", None) or [])
         return ResolvedModel(uri=uri, local_dir=local, name=name, version=str(mv.version),
                              alias=alias or (aliases[0] if aliases else None),
-                             run_id=mv.run_id, precision=mv.tags.get("precision", "float"))
+                             run_id=mv.run_id, precision=mv.tags.get("precision", "float"),
+                             float_version=mv.tags.get("float_version"))
     if uri.startswith("runs:/"):
         from mlflow.exceptions import MlflowException
 
