@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsegment.add_argument("--img-size", type=_positive_int, default=None,
                           help="input side of the default untrained 'tiny' segmenter, 32..256 (default 256, "
                                "the preset's largest: at 128 px its encoder costs only ~2x the prompt decoder)")
+    bsegment.add_argument("--seed", type=int, default=0,
+                          help="weight seed of the default untrained segmenter: its masks, so the size of its "
+                               "answers, depend on the weights, and a fixed seed makes runs comparable")
     bsegment.add_argument("--requests", type=_positive_int, default=100, help="measured requests per level")
     bsegment.add_argument("--port", type=_port, default=8012)
     bquantize = bsub.add_parser("quantize", help="detector mAP@.5 per calibrator x mode (float, hybrid, int8, "
@@ -390,15 +393,18 @@ def _bench_segment(args: argparse.Namespace) -> int:
 
     model_uri = args.model_uri
     if model_uri is None:
+        import torch
+
         from components.segment.model import build_segmenter, save_segmenter, segmenter_config
 
         config = segmenter_config("tiny", img_size=args.img_size or BENCH_TINY_IMG_SIZE)
+        torch.manual_seed(args.seed)
         model_uri = str(save_segmenter(build_segmenter(config), config,
                                        Path(tempfile.mkdtemp(prefix="mc-bench-")) / "sam-tiny"))
     elif args.img_size is not None:
         raise ValueError("--img-size applies only to the default untrained segmenter, not to --model-uri")
     result = bench_segment(ServeArgs.from_settings(model_uri="", segmenter_model_uri=model_uri, port=args.port),
-                           requests=args.requests, out=args.out)
+                           requests=args.requests, out=args.out, seed=args.seed if args.model_uri is None else None)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list | dict)}, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -103,11 +103,12 @@ def raw_model_times(model_uri: str, image_png: bytes, *, threads: int, repeats: 
             "repeats": float(repeats)}
 
 
-def bench_segment(args: ServeArgs, *, requests: int, out: Path) -> dict[str, Any]:
+def bench_segment(args: ServeArgs, *, requests: int, out: Path, seed: int | None = None) -> dict[str, Any]:
     """Run the segmentation benchmark, write the JSON report to ``out`` and return it.
 
     ``args.segmenter_model_uri`` must be set; the detector is left out of the bench application.
     ``requests`` is the number of measured requests per level (automatic mode uses a quarter, >= 3).
+    ``seed`` is only reported: the weight seed of an untrained model the caller built.
     """
     if requests < 1:
         raise ValueError(f"requests must be >= 1, got {requests}")
@@ -141,9 +142,13 @@ def bench_segment(args: ServeArgs, *, requests: int, out: Path) -> dict[str, Any
             first.raise_for_status()
         image_id = first.json()["image_id"]
 
+        cached_bytes: list[int] = []
+
         def cached(client: httpx.Client, i: int) -> httpx.Response:
             x, y = 10 + (i * 37) % (WIDTH - 20), 10 + (i * 53) % (HEIGHT - 20)  # a new point every time
-            return client.post(endpoint, json={"image_id": image_id, "points": [[x, y]], "labels": [1]})
+            r = client.post(endpoint, json={"image_id": image_id, "points": [[x, y]], "labels": [1]})
+            cached_bytes.append(len(r.content))
+            return r
 
         def uploads(indices: list[int]) -> Callable[[httpx.Client, int], httpx.Response]:
             return lambda client, i: upload(client, indices[i])
@@ -167,7 +172,8 @@ def bench_segment(args: ServeArgs, *, requests: int, out: Path) -> dict[str, Any
         info = next(m for m in httpx.get(f"{url}/v1/models", timeout=30.0).json()["models"]
                     if m["task"] == "segmentation")
         results = {"uncached": uncached_rows, "cached": cached_rows, "resend": resend, "auto": auto,
-                   "auto_masks": auto_masks, "info": info, "threads": threads}
+                   "auto_masks": auto_masks, "info": info, "threads": threads,
+                   "cached_bytes": cached_bytes}
     finally:
         if started_ray:
             shutdown_server()
@@ -198,7 +204,10 @@ def bench_segment(args: ServeArgs, *, requests: int, out: Path) -> dict[str, Any
         "auto": {**results["auto"], "masks_mean": (sum(results["auto_masks"]) / len(results["auto_masks"])
                                                    if results["auto_masks"] else 0.0)},
         "raw": raw,
-        "model": results["info"],
+        # The answer's size follows the masks (an untrained model's are ragged): it costs in the replica
+        # (RLE, polygons, JSON) and on every hop back to the client.
+        "cached_response_bytes_p50": percentile(results["cached_bytes"], 50),
+        "model": {**results["info"], "untrained_seed": seed},
         "image": {"width": WIDTH, "height": HEIGHT, "format": "PNG", "bytes": len(images[0])},
         "settings": {"requests": requests, "auto_requests": auto_requests, "segmenter_num_cpus":
                      args.segmenter_num_cpus, "max_batch_size": args.max_batch_size,

@@ -75,9 +75,14 @@ def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     """Outer boundaries of an ``HxW`` bool mask as COCO polygons ``[x1, y1, x2, y2, ...]``.
 
     The boundary is the 0.5 iso-line through pixel centres (marching squares, contourpy), shifted to
-    COCO's pixel-edge coordinates, so a filled rectangle of pixels ``[x0, x1) x [y0, y1)`` gives a
-    polygon along ``x0``, ``x1``, ``y0``, ``y1`` (with its corners cut at 45 degrees). Holes are left
-    out: COCO polygons are filled, the RLE carries the holes.
+    COCO's pixel-edge coordinates, so a filled rectangle of pixels ``[x0, x1) x [y0, y1)`` gives the
+    8-vertex polygon along ``x0``, ``x1``, ``y0``, ``y1`` with its corners cut at 45 degrees. Holes are
+    left out: COCO polygons are filled, the RLE carries the holes.
+
+    Marching squares puts a vertex on every pixel edge the boundary crosses; vertices on a straight
+    run are dropped (OpenCV's ``CHAIN_APPROX_SIMPLE``). They sit on a half-pixel grid, so the test is
+    exact and the outline does not move. All rings are handled in one vectorised pass: a ragged mask
+    can have thousands of islands.
     """
     m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
@@ -87,17 +92,24 @@ def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     y0, x0 = int(rows[0]), int(cols[0])
     crop = m[y0:int(rows[-1]) + 1, x0:int(cols[-1]) + 1]
     z = np.pad(crop.astype(np.float64), 1)  # zero border: every region gets a closed boundary
-    filled = contour_generator(z=z, fill_type=FillType.OuterOffset).filled(0.5, 2.0)
-    points, offsets = cast(tuple[list[np.ndarray], list[np.ndarray]], filled)  # OuterOffset: (points, offsets)
+    filled = contour_generator(z=z, fill_type=FillType.ChunkCombinedOffsetOffset, chunk_count=1).filled(0.5, 2.0)
+    chunks = cast(tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]], filled)
+    points, ring_offsets, outer_rings = chunks[0][0], chunks[1][0].astype(np.int64), chunks[2][0][:-1]
+    # Each polygon's ring 0 is its outer boundary; drop each ring's closing point (COCO closes implicitly).
+    starts, ends = ring_offsets[outer_rings], ring_offsets[outer_rings + 1] - 1
+    lengths = ends - starts
+    index = np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
+    ring = np.repeat(np.arange(len(starts)), lengths)
+    first, last = np.repeat(starts, lengths), np.repeat(ends - 1, lengths)
+    prev = np.where(index == first, last, index - 1)
+    nxt = np.where(index == last, first, index + 1)
+    before, after = points[index] - points[prev], points[nxt] - points[index]
+    keep = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0
+    kept, kept_ring = points[index[keep]], ring[keep]
     shift = np.array([x0 - 0.5, y0 - 0.5])  # -1 pad + 0.5 pixel centre, then back to image coordinates
-    polygons: list[list[float]] = []
-    for pts, offs in zip(points, offsets, strict=True):
-        outer = pts[int(offs[0]):int(offs[1])] + shift  # ring 0 is the outer boundary
-        if len(outer) > 1 and np.array_equal(outer[0], outer[-1]):
-            outer = outer[:-1]  # COCO polygons are implicitly closed
-        if len(outer) >= 3:
-            polygons.append(np.round(outer.reshape(-1), 2).tolist())
-    return polygons
+    flat = np.round(kept + shift, 2).reshape(-1).tolist()
+    bounds = np.r_[0, np.cumsum(np.bincount(kept_ring, minlength=len(starts)))] * 2
+    return [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True) if b - a >= 6]
 
 
 def label_png(label: torch.Tensor) -> bytes:

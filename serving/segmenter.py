@@ -28,6 +28,7 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -177,6 +178,13 @@ class LoadedSegmenter:
     def img_size(self) -> int:
         return int(self.model.image_encoder.img_size)
 
+    @cached_property
+    def dense_pe(self) -> torch.Tensor:
+        """``(1, C, E, E)`` positional encoding of the embedding grid: a constant of the model, which
+        ``get_dense_pe`` would otherwise recompute (sin/cos over the grid) for every prompt decode."""
+        with torch.no_grad():
+            return self.model.prompt_encoder.get_dense_pe()
+
 
 def load_segmenter_model(uri: str) -> LoadedSegmenter:
     """Resolve ``uri`` (``models:/name@alias``, ``runs:/``, ``s3://``, a directory) and load the segmenter.
@@ -289,7 +297,7 @@ def decode_prompts(loaded: LoadedSegmenter, embedding: ImageEmbedding,
     with torch.inference_mode():
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
         low_res, iou = model.mask_decoder(
-            image_embeddings=embedding.features.to(dev), image_pe=model.prompt_encoder.get_dense_pe(),
+            image_embeddings=embedding.features.to(dev), image_pe=loaded.dense_pe,
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
             multimask_output=prompts.multimask)
     return low_res.cpu(), iou.cpu()

@@ -31,6 +31,7 @@ def test_bench_segment_reports_cached_ratio_and_auto_latency(serve_url: str, seg
             assert 0 < row["p50_ms"] <= row["p95_ms"]
     assert report["auto"]["requests"] == 3 and report["auto"]["errors"] == 0
     assert report["raw"]["encoder_ms"] > 0 and report["raw"]["decoder_ms"] > 0
+    assert report["cached_response_bytes_p50"] > 100  # a JSON answer with at least one mask
     assert report["model"]["task"] == "segmentation" and report["model"]["preset"] == "tiny"
     # Every uncached request ran the encoder once; the cached ones never did.
     assert report["model"]["encoder_runs"] == 3 + 2 * 4 + 3

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from contourpy import FillType, contour_generator
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pydantic import ValidationError
@@ -146,6 +147,30 @@ def test_polygon_follows_the_pixel_edges() -> None:
     iou = (raster & filled).sum() / (raster | filled).sum()
     assert iou > 0.9, iou
     assert mask_polygons(torch.zeros(4, 4, dtype=torch.bool)) == []
+
+
+def test_polygon_keeps_only_corners_and_outlines_the_same_area_as_every_boundary_vertex() -> None:
+    mask = torch.zeros(30, 40, dtype=torch.bool)
+    mask[5:15, 10:30] = True
+    # A rectangle: 8 vertices (4 sides, 4 cut corners), not one per boundary pixel.
+    assert mask_polygons(mask) == [[10.0, 5.5, 10.5, 5.0, 29.5, 5.0, 30.0, 5.5,
+                                    30.0, 14.5, 29.5, 15.0, 10.5, 15.0, 10.0, 14.5]]
+    # Ragged masks with many islands: each polygon rasterises exactly like the unsimplified
+    # marching-squares outer ring of the same region.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(5, 60, 2))
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        z = np.pad(m.astype(np.float64), 1)
+        points, offsets = contour_generator(z=z, fill_type=FillType.OuterOffset).filled(0.5, 2.0)
+        full = [(pts[int(o[0]):int(o[1]) - 1] - 0.5).reshape(-1).tolist()
+                for pts, o in zip(points, offsets, strict=True)]
+        polygons = mask_polygons(m)
+        assert len(polygons) == len(full) > 0
+        assert sum(len(p) for p in polygons) < sum(len(p) for p in full)
+        for simple, every in zip(polygons, full, strict=True):
+            raster = mask_utils.decode(mask_utils.frPyObjects([simple, every], h, w))
+            assert np.array_equal(raster[..., 0], raster[..., 1])
 
 
 def test_polygon_of_a_small_object_in_a_large_image_is_in_image_coordinates() -> None:
