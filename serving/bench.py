@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
-from serving.loadgen import LoadStats, environment, percentile, run_load, write_report
+from serving.loadgen import LoadStats, environment, percentile, replica_torch_threads, run_load, write_report
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench"
@@ -121,7 +121,7 @@ def bench_serve(args: ServeArgs, *, requests_per_level: int, out: Path) -> dict[
             run_args = args.model_copy(update={"max_batch_size": batch_size})
             url = run_server(run_args, blocking=False, app_name=BENCH_APP, route_prefix=BENCH_PREFIX)
             info = httpx.get(f"{url}/v1/models", timeout=30.0).json()["models"][0]
-            threads = serve.get_deployment_handle("detector", BENCH_APP).torch_threads.remote().result()
+            threads = replica_torch_threads("detector", BENCH_APP)
             for concurrency in CONCURRENCY_LEVELS:
                 load = http_load(url, image_png, concurrency=concurrency, requests=requests_per_level)
                 configs.append({"batching": batch_size > 1, "max_batch_size": batch_size,

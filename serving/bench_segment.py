@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from ray import serve
 
 from serving.app import ServeArgs
-from serving.loadgen import LoadStats, Send, environment, percentile, run_load, write_report
+from serving.loadgen import LoadStats, Send, environment, percentile, replica_torch_threads, run_load, write_report
 from serving.server import run_server, shutdown_server
 
 BENCH_APP = "modelcommons-bench-segment"
@@ -126,7 +126,7 @@ def bench_segment(args: ServeArgs, *, requests: int, out: Path, seed: int | None
     try:
         url = run_server(args, blocking=False, app_name=BENCH_APP, route_prefix=BENCH_PREFIX)
         endpoint = f"{url}/v1/segment"
-        threads = serve.get_deployment_handle("segmenter", BENCH_APP).torch_threads.remote().result()
+        threads = replica_torch_threads("segmenter", BENCH_APP)
         prompt = json.dumps({"points": [list(POINT)], "labels": [1]})
 
         def upload(client: httpx.Client, index: int, body: str = prompt) -> httpx.Response:

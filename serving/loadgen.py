@@ -11,6 +11,7 @@ request handling, not connection set-up.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ from typing import Any, TypedDict
 import httpx
 import numpy as np
 
-__all__ = ["LoadStats", "Send", "percentile", "run_load"]
+__all__ = ["LoadStats", "Send", "percentile", "replica_torch_threads", "run_load"]
 
 Send = Callable[[httpx.Client, int], httpx.Response]
 """Sends request number ``i`` (0-based, warm-up included) with the calling thread's client."""
@@ -95,12 +96,14 @@ def run_load(send: Send, *, requests: int, concurrency: int, warmup: int = 0, ti
 
 
 def environment() -> dict[str, Any]:
-    """What a benchmark ran on: CPU count and Python, torch and Ray versions."""
+    """What a benchmark ran on: CPU count, Python, torch and Ray versions, and the ``RAY_SERVE_*``
+    variables this process set or inherited (they pick Ray Serve's proxy and transport)."""
     import ray
     import torch
 
     return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__}
+            "ray": ray.__version__,
+            "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}}
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -109,3 +112,17 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def replica_torch_threads(deployment: str, app_name: str) -> int:
+    """Torch intra-op threads of a replica of ``deployment`` (its ``torch_threads()`` method).
+
+    Asked from inside an event loop: in Ray Serve's throughput-optimized mode a handle's router runs
+    on the caller's loop, and a plain ``.result()`` from this thread would have none.
+    """
+    from ray import serve
+
+    async def ask() -> int:
+        return int(await serve.get_deployment_handle(deployment, app_name).torch_threads.remote())
+
+    return asyncio.run(ask())

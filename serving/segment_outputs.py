@@ -94,21 +94,27 @@ def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
     z = np.pad(crop.astype(np.float64), 1)  # zero border: every region gets a closed boundary
     filled = contour_generator(z=z, fill_type=FillType.ChunkCombinedOffsetOffset, chunk_count=1).filled(0.5, 2.0)
     chunks = cast(tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]], filled)
-    points, ring_offsets, outer_rings = chunks[0][0], chunks[1][0].astype(np.int64), chunks[2][0][:-1]
-    # Each polygon's ring 0 is its outer boundary; drop each ring's closing point (COCO closes implicitly).
-    starts, ends = ring_offsets[outer_rings], ring_offsets[outer_rings + 1] - 1
-    lengths = ends - starts
-    index = np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
-    ring = np.repeat(np.arange(len(starts)), lengths)
-    first, last = np.repeat(starts, lengths), np.repeat(ends - 1, lengths)
-    prev = np.where(index == first, last, index - 1)
-    nxt = np.where(index == last, first, index + 1)
-    before, after = points[index] - points[prev], points[nxt] - points[index]
+    points, offsets, outer = chunks[0][0], chunks[1][0].astype(np.int64), chunks[2][0][:-1].astype(np.int64)
+    # Every ring is closed (its last point repeats its first), so the edge after vertex i is step[i] and
+    # the edge before it step[i - 1], or the ring's last step for its first vertex.
+    step = np.diff(points, axis=0)
+    starts, closing = offsets[:-1], offsets[1:] - 1
+    before = np.empty_like(points)
+    before[1:] = step
+    before[starts] = step[closing - 1]
+    after = np.empty_like(points)
+    after[:-1] = step
+    after[-1] = 0.0  # a closing point: dropped below
     keep = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0
-    kept, kept_ring = points[index[keep]], ring[keep]
+    ring = np.repeat(np.arange(len(starts)), np.diff(offsets))
+    is_outer = np.zeros(len(starts), dtype=bool)
+    is_outer[outer] = True  # each polygon's first ring; the others are its holes
+    keep &= is_outer[ring]
+    keep[closing] = False  # COCO polygons are implicitly closed
+    kept, kept_ring = points[keep], ring[keep]
     shift = np.array([x0 - 0.5, y0 - 0.5])  # -1 pad + 0.5 pixel centre, then back to image coordinates
     flat = np.round(kept + shift, 2).reshape(-1).tolist()
-    bounds = np.r_[0, np.cumsum(np.bincount(kept_ring, minlength=len(starts)))] * 2
+    bounds = np.r_[0, np.cumsum(np.bincount(kept_ring, minlength=len(starts))[outer])] * 2
     return [flat[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True) if b - a >= 6]
 
 

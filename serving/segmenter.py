@@ -463,12 +463,14 @@ def render(segments: Segments, embedding: ImageEmbedding, output: SegmentOutput,
         return SegmentResult.from_png(meta([]), blended_png(embedding.image, hard))
     rles = encode_rles(hard)
     boxes, areas = rle_bbox_area(rles)
+    # model_construct: values computed right here, of the declared types; validating a ragged mask's
+    # tens of thousands of polygon coordinates again would cost a cached prompt ~0.4 ms.
     masks = [
-        SegmentMask(segmentation=RLE(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"]),
-                    bbox=(box[0], box[1], box[2], box[3]), area=area,
-                    score=float(segments.scores[i]), stability_score=float(segments.stability[i]),
-                    polygon=mask_polygons(hard[j]), prompt_index=segments.prompt_index[i],
-                    point=segments.points[i])
+        SegmentMask.model_construct(
+            segmentation=RLE.model_construct(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"]),
+            bbox=(float(box[0]), float(box[1]), float(box[2]), float(box[3])), area=int(area),
+            score=float(segments.scores[i]), stability_score=float(segments.stability[i]),
+            polygon=mask_polygons(hard[j]), prompt_index=segments.prompt_index[i], point=segments.points[i])
         for j, (i, rle, box, area) in enumerate(zip(keep, rles, boxes, areas, strict=True))
     ]
     return SegmentResult.from_response(meta(masks))

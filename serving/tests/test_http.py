@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def _assert_inside(body: dict, width: int, height: int) -> DetectResponse:
         assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
         assert d.class_name == CLASS_NAMES[d.class_id] and 0 <= d.score <= 1
     return resp
+
+
+def test_local_server_runs_behind_ray_serve_haproxy(client: httpx.Client, serve_url: str) -> None:
+    # run_server started Ray in Serve's high-throughput mode: HAProxy fronts the port, its stats page
+    # (on the free port run_server picked) lists the application's backend.
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    stats = httpx.get(f"http://127.0.0.1:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv", timeout=10)
+    assert stats.status_code == 200
+    assert any(row.startswith("http_frontend,FRONTEND,") for row in stats.text.splitlines()), stats.text[:500]
+    assert client.get("/healthz").status_code == 200
 
 
 def test_detect_multipart(client: httpx.Client) -> None:

@@ -183,6 +183,18 @@ http://{{ include "modelcommons.mlflow.name" . }}.{{ .Release.Namespace }}.svc:5
       key: {{ .Values.s3.secretKeyKey }}
 {{- end }}
 
+{{/* Ray Serve's high-throughput mode on the Ray pods (Ray >= 2.55, KubeRay guide "Enable High
+Throughput on Ray Serve"): HAProxy hands requests, body included, to the ingress replica, and replicas
+call each other over direct gRPC. serving.server.HIGH_THROUGHPUT_ENV is the local equivalent. */}}
+{{- define "modelcommons.rayServeEnv" -}}
+{{- if .Values.serving.highThroughput }}
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
+{{- end }}
+
 {{/* emptyDir scratch space: the root filesystem is read-only. */}}
 {{- define "modelcommons.tmpVolume" -}}
 - name: tmp
