@@ -69,6 +69,8 @@ def _pod_template(container: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
 
 def _container(name: str, image: str, *, cpu: str, memory: str, gpus: int, ports: list[dict[str, Any]]
                ) -> dict[str, Any]:
+    from serving.server import HIGH_THROUGHPUT_ENV
+
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
@@ -78,7 +80,9 @@ def _container(name: str, image: str, *, cpu: str, memory: str, gpus: int, ports
         "imagePullPolicy": "Always",
         "ports": ports,
         "env": [{"name": "MLFLOW_TRACKING_URI", "value": MLFLOW_URI},
-                {"name": "MODELCOMMONS_HOME", "value": "/var/lib/modelcommons"}],
+                {"name": "MODELCOMMONS_HOME", "value": "/var/lib/modelcommons"},
+                # Ray Serve's high-throughput mode, as `modelcommons serve` and the chart run it.
+                *({"name": k, "value": v} for k, v in HIGH_THROUGHPUT_ENV.items())],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},

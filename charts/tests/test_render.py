@@ -35,6 +35,7 @@ from charts.tests.conftest import (
     run_tools_python,
     tool,
 )
+from serving.server import HIGH_THROUGHPUT_ENV
 
 SCENARIO_VALUES = {sc.name: sc.values() for sc in SCENARIOS}
 CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
@@ -174,7 +175,7 @@ def test_gpu_worker_group_has_gpu_limits_node_selector_and_tolerations(rendered)
 
 
 def test_ray_pods_run_serve_in_high_throughput_mode_unless_switched_off(rendered):
-    wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    wanted = HIGH_THROUGHPUT_ENV  # what `modelcommons serve` sets locally, minus the local-only drain
     for scenario in ("default", "full"):
         for where, spec in pod_specs(one(rendered[scenario], "RayService")):
             env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}

