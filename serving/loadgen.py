@@ -97,13 +97,15 @@ def run_load(send: Send, *, requests: int, concurrency: int, warmup: int = 0, ti
 
 def environment() -> dict[str, Any]:
     """What a benchmark ran on: CPU count, Python, torch and Ray versions, and the ``RAY_SERVE_*``
-    variables this process set or inherited (they pick Ray Serve's proxy and transport)."""
+    variables Ray runs with (they pick Ray Serve's proxy and transport)."""
     import ray
     import torch
 
+    from serving.server import serve_env
+
     return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "ray": ray.__version__,
-            "ray_serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}}
+            "ray_serve_env": serve_env() or {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from serving.app import APP_NAME, ServeArgs, build_app
 log = logging.getLogger(__name__)
 
 _state = {"started_ray": False}
+_serve_env: dict[str, str] = {}  # the Ray Serve variables the Ray this process started runs with
 
 # Ray Serve's high-throughput mode (Ray >= 2.55; docs: "Enable High Throughput on Ray Serve with
 # KubeRay"): an HAProxy ingress that hands requests, body included, straight to the ingress replica,
@@ -41,6 +42,11 @@ def haproxy_available() -> bool:
     except ImportError:
         return shutil.which("haproxy") is not None
     return True
+
+
+def serve_env() -> dict[str, str]:
+    """The Ray Serve variables of the Ray that :func:`run_server` started ({} when it joined one)."""
+    return dict(_serve_env)
 
 
 def _free_port() -> int:
@@ -130,9 +136,23 @@ def run_server(args: ServeArgs, *, blocking: bool, app_name: str = APP_NAME, rou
     With ``blocking=True`` it serves until Ctrl-C, then shuts down.
     """
     if not ray.is_initialized():
-        os.environ.update(high_throughput_env())  # Ray's processes inherit the driver's environment
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                 configure_logging=False)
+        env = high_throughput_env()
+        saved = {key: os.environ.get(key) for key in env}
+        # Ray's processes (raylet, GCS, and the actors they spawn) inherit the environment ray.init
+        # sees; put it back afterwards so processes this one starts later (a demo subprocess that
+        # starts its own Ray) do not inherit this Ray's HAProxy ports.
+        os.environ.update(env)
+        try:
+            ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                     configure_logging=False)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        _serve_env.clear()
+        _serve_env.update(env)
         _state["started_ray"] = True
     serve.start(http_options={"host": args.host, "port": args.port})
     try:

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.schemas import DetectResponse, ModelInfo, ModelList
+from serving.server import serve_env
 
 from .conftest import CLASS_NAMES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
@@ -53,8 +54,11 @@ def _assert_inside(body: dict, width: int, height: int) -> DetectResponse:
 def test_local_server_runs_behind_ray_serve_haproxy(client: httpx.Client, serve_url: str) -> None:
     # run_server started Ray in Serve's high-throughput mode: HAProxy fronts the port, its stats page
     # (on the free port run_server picked) lists the application's backend.
-    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    stats = httpx.get(f"http://127.0.0.1:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv", timeout=10)
+    env = serve_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Only Ray's processes got them: a process this one starts must not inherit this Ray's ports.
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in os.environ
+    stats = httpx.get(f"http://127.0.0.1:{env['RAY_SERVE_HAPROXY_STATS_PORT']}/stats;csv", timeout=10)
     assert stats.status_code == 200
     assert any(row.startswith("http_frontend,FRONTEND,") for row in stats.text.splitlines()), stats.text[:500]
     assert client.get("/healthz").status_code == 200
