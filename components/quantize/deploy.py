@@ -40,12 +40,12 @@ from __future__ import annotations
 import copy
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -67,6 +67,8 @@ ACT_ZERO_POINT = 128  # quint8 zero point of a symmetric range: q_u8 = q_s8 + 12
 ACT_QMAX_S8 = 127  # scale = threshold / 127, as in components.quantize.calibrate
 W_QMAX = 127
 Backend = Literal["x86", "fbgemm", "qnnpack"]
+Int8Kind = Literal["int8_detector", "int8_segmenter"]
+T = TypeVar("T")
 
 
 class Int8ModelError(QuantizeError, ModelFileError):
@@ -82,7 +84,7 @@ class Int8Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: Literal[1] = 1
-    kind: Literal["int8_detector", "int8_segmenter"] = Field(
+    kind: Int8Kind = Field(
         default="int8_detector", description="int8_segmenter: a segmenter, image encoder in int8 (see .segment)")
     backend: Backend = Field(description="torch.backends.quantized engine the model is built for")
     calibrator: Literal["minmax", "percentile", "kl", "log2"]
@@ -463,39 +465,62 @@ def find_int8_dir(root: Path) -> Path:
     return found
 
 
+# Which function rebuilds each kind of int8 directory (named in the error when the wrong one is used).
+INT8_LOADERS: dict[str, str] = {"int8_detector": "components.quantize.deploy.load_int8_model",
+                                "int8_segmenter": "components.quantize.segment.load_int8_segmenter"}
+
+
+def check_calibrator(calibrator: str, calibration: Calibration) -> None:
+    """``calibrator`` must be a known method and the one ``calibration`` was made with."""
+    if calibrator not in CALIBRATORS:
+        raise CalibrationError(f"unknown calibrator {calibrator!r}; allowed: {list(CALIBRATORS)}")
+    if calibrator != calibration.method:
+        raise CalibrationError(f"calibrator {calibrator!r} does not match the calibration's method "
+                               f"{calibration.method!r}")
+
+
+def write_int8_dir(model_dir: Path, out_dir: Path, calibration: Calibration, *, kind: Int8Kind, backend: str,
+                   per_channel: bool, calibrator: str, percentile: float, img_size: int,
+                   fixed_range: Sequence[str] = ()) -> Path:
+    """Copy the float ``config.json`` and weights of ``model_dir`` into ``out_dir`` and write
+    ``quantization.json`` beside them (ranges, backend, weight granularity, sha256 of the copied weights).
+
+    The int8 directory format of detectors and segmenters alike; the caller has checked the arguments
+    and run the export once, so a model that cannot be exported never gets a directory.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if (model_dir / name).resolve() != (out_dir / name).resolve():
+            shutil.copyfile(model_dir / name, out_dir / name)
+    spec = Int8Spec(
+        kind=kind, backend=cast(Backend, backend), calibrator=calibration.method,
+        percentile=calibration.percentile if calibration.percentile is not None
+        else (percentile if calibrator == "percentile" else None),
+        per_channel=per_channel, power_of_two=calibration.power_of_two, activations=calibration.activations,
+        unclipped=calibration.unclipped, calibration_images=calibration.images,
+        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE), img_size=img_size, fixed_range=list(fixed_range))
+    (out_dir / QUANT_FILE).write_text(spec.model_dump_json(indent=2))
+    return out_dir
+
+
 def save_int8_model(model_dir: Path, calibration: Calibration, out_dir: Path, *, backend: str = "x86",
                     per_channel: bool = True, calibrator: str, percentile: float = 99.99) -> Path:
     """Write a self-contained int8 model directory ``out_dir``; returns it.
 
     ``model_dir`` is a float detector directory (``config.json`` + ``model.safetensors``); both files are
     copied and ``quantization.json`` records ``calibration``'s ranges, the backend, the weight granularity
-    and the sha256 of the copied weights. The export is run once here so an unmappable model fails now,
-    not at load time. ``calibrator`` must be ``calibration.method``; ``percentile`` is recorded for
-    ``percentile`` calibrations that do not carry one.
+    and the sha256 of the copied weights (:func:`write_int8_dir`). The export is run once here so an
+    unmappable model fails now, not at load time. ``calibrator`` must be ``calibration.method``;
+    ``percentile`` is recorded for ``percentile`` calibrations that do not carry one.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_backend(backend)
-    if calibrator not in CALIBRATORS:
-        raise CalibrationError(f"unknown calibrator {calibrator!r}; allowed: {list(CALIBRATORS)}")
-    if calibrator != calibration.method:
-        raise CalibrationError(f"calibrator {calibrator!r} does not match the calibration's method "
-                               f"{calibration.method!r}")
+    check_calibrator(calibrator, calibration)
     model = load_detector(model_dir)
     export = export_int8_with_report(model, calibration, backend=backend, per_channel=per_channel)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if (model_dir / name).resolve() != (out_dir / name).resolve():
-            shutil.copyfile(model_dir / name, out_dir / name)
-    spec = Int8Spec(
-        backend=cast(Backend, backend), calibrator=calibration.method,
-        percentile=calibration.percentile if calibration.percentile is not None
-        else (percentile if calibrator == "percentile" else None),
-        per_channel=per_channel, power_of_two=calibration.power_of_two, activations=calibration.activations,
-        unclipped=calibration.unclipped, calibration_images=calibration.images,
-        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE), img_size=model.config.img_size,
-        fixed_range=export.fixed_range)
-    (out_dir / QUANT_FILE).write_text(spec.model_dump_json(indent=2))
-    return out_dir
+    return write_int8_dir(model_dir, out_dir, calibration, kind="int8_detector", backend=backend,
+                          per_channel=per_channel, calibrator=calibrator, percentile=percentile,
+                          img_size=model.config.img_size, fixed_range=export.fixed_range)
 
 
 def read_int8_spec(path: Path) -> Int8Spec:
@@ -516,20 +541,16 @@ def read_int8_spec(path: Path) -> Int8Spec:
         raise Int8ModelError(f"{file}: invalid: {problems}") from exc
 
 
-def load_int8_model(path: Path, *, device: torch.device | None = None) -> Int8Detector:
-    """Rebuild the int8 detector stored in ``path`` (see :func:`save_int8_model`).
+def check_int8_dir(path: Path, kind: Int8Kind) -> Int8Spec:
+    """The validated ``quantization.json`` of the int8 directory ``path``, after the checks every loader
+    needs: the right kind, the float weights present with the recorded sha256, a known backend.
 
-    Validates ``quantization.json``, checks the float weights' sha256 against it, loads the float model
-    and exports it again with the recorded ranges (deterministic: same outputs as when it was saved).
-    Quantized kernels run on the CPU only: ``device`` must be None or a CPU device.
+    Raises :class:`Int8ModelError` naming the file and field.
     """
-    path = Path(path)
-    if device is not None and torch.device(device).type != "cpu":
-        raise Int8ModelError(f"{path}: int8 models run on the CPU only, got device {device}")
     spec = read_int8_spec(path)
-    if spec.kind != "int8_detector":
-        raise Int8ModelError(f"{path / QUANT_FILE}: field kind is {spec.kind!r}, not 'int8_detector'; load an "
-                             "int8 segmenter with components.quantize.segment.load_int8_segmenter")
+    if spec.kind != kind:
+        raise Int8ModelError(f"{path / QUANT_FILE}: field kind is {spec.kind!r}, not {kind!r}; load it with "
+                             f"{INT8_LOADERS[spec.kind]}")
     if spec.weights_file != WEIGHTS_FILE:
         raise Int8ModelError(f"{path / QUANT_FILE}: field weights_file must be {WEIGHTS_FILE!r}, "
                              f"got {spec.weights_file!r}")
@@ -544,10 +565,31 @@ def load_int8_model(path: Path, *, device: torch.device | None = None) -> Int8De
         check_backend(spec.backend)
     except QuantizeError as exc:
         raise Int8ModelError(f"{path / QUANT_FILE}: field backend: {exc}") from exc
-    model = load_detector(path)
+    return spec
+
+
+def rebuild_int8(path: Path, export: Callable[[], T]) -> T:
+    """Run ``export`` (the float model exported with the recorded ranges); a range that does not fit the
+    model becomes :class:`Int8ModelError` naming ``quantization.json`` and ``config.json``."""
     try:
-        quantized = export_int8(model, spec.calibration(), backend=spec.backend, per_channel=spec.per_channel)
+        return export()
     except QuantizeError as exc:
         raise Int8ModelError(f"{path / QUANT_FILE}: field activations does not fit {path / CONFIG_FILE}: "
                              f"{exc}") from exc
+
+
+def load_int8_model(path: Path, *, device: torch.device | None = None) -> Int8Detector:
+    """Rebuild the int8 detector stored in ``path`` (see :func:`save_int8_model`).
+
+    Validates ``quantization.json``, checks the float weights' sha256 against it (:func:`check_int8_dir`),
+    loads the float model and exports it again with the recorded ranges (deterministic: same outputs as
+    when it was saved). Quantized kernels run on the CPU only: ``device`` must be None or a CPU device.
+    """
+    path = Path(path)
+    if device is not None and torch.device(device).type != "cpu":
+        raise Int8ModelError(f"{path}: int8 models run on the CPU only, got device {device}")
+    spec = check_int8_dir(path, "int8_detector")
+    model = load_detector(path)
+    quantized = rebuild_int8(path, lambda: export_int8(model, spec.calibration(), backend=spec.backend,
+                                                       per_channel=spec.per_channel))
     return Int8Detector(model, quantized, backend=spec.backend, spec=spec)

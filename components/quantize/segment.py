@@ -49,7 +49,6 @@ An int8 segmenter directory holds the float ``config.json`` + ``model.safetensor
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -59,21 +58,19 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention, Block, add_decomposed_rel_pos
 from torch import fx, nn
 
-from components.data.format import sha256_file
-from components.models.files import CONFIG_FILE, WEIGHTS_FILE
-from components.quantize.calibrate import CALIBRATORS, Calibration
+from components.quantize.calibrate import Calibration
 from components.quantize.deploy import (
-    QUANT_FILE,
-    Backend,
-    Int8ModelError,
     Int8Spec,
     check_backend,
+    check_calibrator,
+    check_int8_dir,
     export_module_int8,
-    read_int8_spec,
+    rebuild_int8,
     use_backend,
+    write_int8_dir,
 )
 from components.quantize.engine import Precision, QuantEngine, int8_precisions
-from components.quantize.errors import CalibrationError, QuantizeError
+from components.quantize.errors import CalibrationError
 from components.quantize.graph import QuantGraph
 from components.quantize.inspector import InspectorSession, ModelReport
 from components.quantize.metrics import error_stats
@@ -344,52 +341,31 @@ def save_int8_segmenter(model_dir: Path, calibration: Calibration, out_dir: Path
                         per_channel: bool = True, calibrator: str, percentile: float = 99.99) -> Path:
     """Write an int8 segmenter directory: the float files and ``quantization.json``; returns ``out_dir``.
 
+    The same format as an int8 detector (:func:`~.deploy.write_int8_dir`, kind ``int8_segmenter``).
     The export runs once here so a model that cannot be exported fails now, not at load time.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_backend(backend)
-    if calibrator not in CALIBRATORS or calibrator != calibration.method:
-        raise CalibrationError(f"calibrator {calibrator!r} must be one of {list(CALIBRATORS)} and match the "
-                               f"calibration's method {calibration.method!r}")
+    check_calibrator(calibrator, calibration)
     model, config = load_segmenter(model_dir)
     export_encoder_int8(model, calibration, backend=backend, per_channel=per_channel)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if (model_dir / name).resolve() != (out_dir / name).resolve():
-            shutil.copyfile(model_dir / name, out_dir / name)
-    spec = Int8Spec(
-        kind="int8_segmenter", backend=cast(Backend, backend), calibrator=calibration.method,
-        percentile=calibration.percentile if calibration.percentile is not None
-        else (percentile if calibrator == "percentile" else None),
-        per_channel=per_channel, power_of_two=calibration.power_of_two, activations=calibration.activations,
-        unclipped=calibration.unclipped, calibration_images=calibration.images,
-        weights_sha256=sha256_file(out_dir / WEIGHTS_FILE), img_size=config.img_size)
-    (out_dir / QUANT_FILE).write_text(spec.model_dump_json(indent=2))
-    return out_dir
+    return write_int8_dir(model_dir, out_dir, calibration, kind="int8_segmenter", backend=backend,
+                          per_channel=per_channel, calibrator=calibrator, percentile=percentile,
+                          img_size=config.img_size)
 
 
 def load_int8_segmenter(path: Path) -> Int8Segmenter:
     """Rebuild the int8 segmenter in ``path`` from its float weights and ``quantization.json``.
 
-    Raises :class:`~.deploy.Int8ModelError` naming the file and field: missing files, another kind of
-    int8 model, weights whose sha256 differs from the recorded one, or ranges that do not fit.
+    Raises :class:`~.deploy.Int8ModelError` naming the file and field (:func:`~.deploy.check_int8_dir`):
+    missing files, another kind of int8 model, weights whose sha256 differs from the recorded one, an
+    unknown backend, or ranges that do not fit.
     """
     path = Path(path)
-    spec = read_int8_spec(path)
-    if spec.kind != "int8_segmenter":
-        raise Int8ModelError(f"{path / QUANT_FILE}: field kind is {spec.kind!r}, expected 'int8_segmenter'")
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise Int8ModelError(f"{weights}: missing; the int8 model is rebuilt from the float weights")
-    if (actual := sha256_file(weights)) != spec.weights_sha256:
-        raise Int8ModelError(f"{path / QUANT_FILE}: field weights_sha256 {spec.weights_sha256} does not match "
-                             f"{weights} (sha256 {actual}); the ranges were calibrated for other weights")
+    spec = check_int8_dir(path, "int8_segmenter")
     model, config = load_segmenter(path)
-    try:
-        encoder = export_encoder_int8(model, spec.calibration(), backend=spec.backend, per_channel=spec.per_channel)
-    except QuantizeError as exc:
-        raise Int8ModelError(f"{path / QUANT_FILE}: field activations does not fit {path / CONFIG_FILE}: "
-                             f"{exc}") from exc
+    encoder = rebuild_int8(path, lambda: export_encoder_int8(model, spec.calibration(), backend=spec.backend,
+                                                             per_channel=spec.per_channel))
     return Int8Segmenter(model, config, encoder, spec)
 
 

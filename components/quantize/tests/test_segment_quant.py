@@ -167,6 +167,17 @@ def test_deployable_int8_encoder_round_trips_bit_identically_from_its_directory(
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(Int8ModelError, match="weights_sha256"):
         load_int8_segmenter(bad)
+    # the same quantization.json checks as the detector's loader (components.quantize.deploy.check_int8_dir)
+    for field, value, message in (("weights_file", "other.safetensors", "field weights_file must be"),
+                                  ("backend", "tpu", "backend")):
+        edited = tmp_path / f"edited-{field}"
+        shutil.copytree(out, edited)
+        doc = json.loads((edited / QUANT_FILE).read_text())
+        doc[field] = value
+        (edited / QUANT_FILE).write_text(json.dumps(doc))
+        with pytest.raises(Int8ModelError, match=message) as info:
+            load_int8_segmenter(edited)
+        assert str(edited / QUANT_FILE) in str(info.value)
 
 
 @pytest.fixture(scope="module")
