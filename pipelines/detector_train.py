@@ -11,10 +11,10 @@ from kfp import dsl
 from components.data.component import intake_component
 from components.deploy.component import deploy_component
 from components.evaluate.component import evaluate_component
-from components.quantize.component import quantize_component
 from components.tracking.component import register_component
 from components.train.component import train_component
 from pipelines.cluster_env import with_cluster_env
+from pipelines.quantize import quantize_registered
 
 
 @dsl.pipeline(name="detector-train",
@@ -63,12 +63,9 @@ def detector_train(
                                   rayservice=deploy_rayservice).after(register)
         with_cluster_env(deploy).set_display_name("deploy")
     # Optional int8: quantize the version just registered; its int8 version is tagged float_version.
-    with dsl.If(quantize == True, name="quantize-requested"):  # noqa: E712  # a KFP condition, not a Python test
-        quant = quantize_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
-                                   calibrator=calibrator, calib_images=calib_images,
-                                   run_id=train.outputs["run_id"], float_version=register.outputs["version"],
-                                   model_name=model_name)
-        with_cluster_env(quant).set_display_name("quantize")
+    quantize_registered(quantize=quantize, dataset=intake.outputs["dataset"], model=train.outputs["model"],
+                        run_id=train.outputs["run_id"], version=register.outputs["version"], calibrator=calibrator,
+                        calib_images=calib_images, model_name=model_name, display_name="quantize")
     Outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str), ("map", float),  # noqa: UP014
                                      ("map50", float)])
     return Outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],

@@ -8,7 +8,7 @@ A registered model is quantized into a new int8 version of the same name, tagged
 but not registered.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 
@@ -47,3 +47,16 @@ def quantize(
                                      ("float_map50", float), ("int8_map50", float), ("deploy_map50", float)])
     return Outputs(quant.outputs["run_id"], quant.outputs["version"], fetch.outputs["version"],
                    quant.outputs["float_map50"], quant.outputs["int8_map50"], quant.outputs["deploy_map50"])
+
+
+def quantize_registered(*, quantize: Any, dataset: Any, model: Any, run_id: Any, version: Any, calibrator: Any,
+                        calib_images: Any, model_name: Any, display_name: str) -> None:
+    """The optional last step of a training pipeline, added to the pipeline being defined: when the
+    pipeline parameter ``quantize`` is true, quantize the float ``version`` just registered (from the
+    training ``model`` artifact, calibrated on ``dataset``); its int8 version is tagged
+    ``float_version=<version>``. The arguments are the caller's pipeline parameters and task outputs.
+    """
+    with dsl.If(quantize == True, name="quantize-requested"):  # noqa: E712  # a KFP condition, not a Python test
+        quant = quantize_component(dataset=dataset, model=model, calibrator=calibrator, calib_images=calib_images,
+                                   run_id=run_id, float_version=version, model_name=model_name)
+        with_cluster_env(quant).set_display_name(display_name)

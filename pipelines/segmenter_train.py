@@ -9,13 +9,13 @@ from typing import NamedTuple
 from kfp import dsl
 
 from components.data.component import intake_component
-from components.quantize.component import quantize_component
 from components.segment.component import (
     evaluate_segmenter_component,
     register_segmenter_component,
     train_segmenter_component,
 )
 from pipelines.cluster_env import with_cluster_env
+from pipelines.quantize import quantize_registered
 
 
 @dsl.pipeline(name="segmenter-train",
@@ -59,12 +59,9 @@ def segmenter_train(
                                             miou_box=evaluate.outputs["miou_box"], model_name=model_name)
     with_cluster_env(register).set_display_name("register-segmenter")
     # Optional int8: quantize the version just registered; its int8 version is tagged float_version.
-    with dsl.If(quantize == True, name="quantize-requested"):  # noqa: E712  # a KFP condition, not a Python test
-        quant = quantize_component(dataset=intake.outputs["dataset"], model=train.outputs["model"],
-                                   calibrator=calibrator, calib_images=calib_images,
-                                   run_id=train.outputs["run_id"], float_version=register.outputs["version"],
-                                   model_name=model_name)
-        with_cluster_env(quant).set_display_name("quantize-segmenter")
+    quantize_registered(quantize=quantize, dataset=intake.outputs["dataset"], model=train.outputs["model"],
+                        run_id=train.outputs["run_id"], version=register.outputs["version"], calibrator=calibrator,
+                        calib_images=calib_images, model_name=model_name, display_name="quantize-segmenter")
     Outputs = NamedTuple("Outputs", [("run_id", str), ("version", str), ("alias", str),  # noqa: UP014
                                      ("miou_point", float), ("miou_box", float)])
     return Outputs(train.outputs["run_id"], register.outputs["version"], register.outputs["alias"],
